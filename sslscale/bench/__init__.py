@@ -1,0 +1,1 @@
+"""Benchmarks behind `sslscale bench ...`: each prints a table and writes JSON."""

@@ -1,0 +1,1 @@
+"""Process-group set-up and autograd-aware collectives."""
