@@ -3,8 +3,11 @@
 // Layout shared by the three kernels. A block of 256 threads is a 16 x 16 grid (tx fastest) and owns one
 // 64-row x 64-column score tile at a time: thread (ty, tx) holds rows ty + 16 i and columns tx + 16 j
 // (i, j < 4), so a row's 64 scores live in the 16 lanes of one half-warp and row reductions are four
-// xor-shuffles. Scores are fp32 FMA products of fp32-converted operands staged in shared memory in 32-feature
-// slices (SIMT: no tensor cores in this version).
+// xor-shuffles. Score tiles are built from 32-feature slices staged in shared memory: bf16/fp16 inputs on the
+// tensor cores (WMMA 16x16x16, fp32 accumulation; each warp owns a 16 x 32 strip, written back to shared memory
+// and read in the thread layout above), fp32 inputs with SIMT FMAs (fp32 products, no TF32 rounding).
+// -DSSLSCALE_INFONCE_SIMT_ONLY forces the SIMT path for every dtype. The second products of the backward are
+// SIMT in fp32 for every dtype.
 //
 //   forward:  one block per 64 rows, looping over column tiles with a running max / sum per row.
 //   d_rows:   one block per (64 rows, 128 output features); per column tile it recomputes the scores, writes
@@ -18,6 +21,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math_constants.h>
+#include <mma.h>
+
+#include <type_traits>
+
+#if !defined(SSLSCALE_INFONCE_SIMT_ONLY) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
+#define SSLSCALE_INFONCE_WMMA 1
+#endif
 
 namespace sslscale {
 namespace infonce_cuda {
@@ -28,13 +38,18 @@ constexpr int kThreads = kSide * kSide;  // 256
 constexpr int kTile = 64;                // rows and columns of one score tile
 constexpr int kPer = kTile / kSide;      // score rows (and columns) per thread: 4
 constexpr int kK = 32;                   // features per shared-memory slice of the score product
-constexpr int kPad = kTile + 1;          // padded stride of the transposed slices and of the g(p - t) tile
+constexpr int kPad = kTile + 1;          // padded stride of the transposed SIMT operand slices
 constexpr int kOut = 128;                // output features per backward block
 constexpr int kOutPer = kOut / kSide;    // output features per thread: 8
 constexpr int kChunk = 32;               // reduction rows staged at a time in the backward's second product
 constexpr int kStage = 2 * kK * kPad;    // floats of the staging buffer (score operands, or a kChunk x kOut slice)
+constexpr int kLdh = kK + 8;             // 16-bit row stride of the WMMA operand slices (multiple of 8)
+constexpr int kLds = kTile + 4;          // float row stride of the WMMA score tile and of g (p - t) (multiple of 4)
+constexpr int kWarps = kThreads / 32;
 static_assert(kChunk * kOut <= kStage, "the backward's operand slice must fit the score staging buffer");
 static_assert(kTile % kChunk == 0, "the backward's reduction chunks must tile a score tile");
+static_assert(2 * kTile * kLdh * 2 <= kStage * 4, "the 16-bit WMMA operand slices must fit the staging buffer");
+static_assert(kWarps == 2 * (kTile / 16) && kK % 16 == 0, "WMMA layout: 8 warps, each a 16 x 32 strip of the tile");
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -89,12 +104,11 @@ __device__ __forceinline__ void stage_slice(const T* __restrict__ src, int64_t f
   }
 }
 
-// s[i][j] = rows[row0 + ty + 16 i] . cols[col0 + tx + 16 j]; padded rows and columns score 0.
-// Every thread of the block must call it (it synchronises); it leaves `stage` free for reuse on return.
+// SIMT score tile: s[i][j] = rows[row0 + ty + 16 i] . cols[col0 + tx + 16 j] in fp32 FMAs.
 template <typename T>
-__device__ __forceinline__ void score_tile(const T* __restrict__ rows, const T* __restrict__ cols, int64_t m,
-                                           int64_t n, int64_t d, int64_t row0, int64_t col0,
-                                           float* __restrict__ stage, float (&s)[kPer][kPer]) {
+__device__ __forceinline__ void score_tile_simt(const T* __restrict__ rows, const T* __restrict__ cols, int64_t m,
+                                                int64_t n, int64_t d, int64_t row0, int64_t col0,
+                                                float* __restrict__ stage, float (&s)[kPer][kPer]) {
   const int tx = threadIdx.x % kSide;
   const int ty = threadIdx.x / kSide;
   float* a_s = stage;
@@ -123,6 +137,89 @@ __device__ __forceinline__ void score_tile(const T* __restrict__ rows, const T* 
   }
 }
 
+#ifdef SSLSCALE_INFONCE_WMMA
+// dst[r * kLdh + k] = src[first + r, k0 + k] (16-bit, not transposed) for r < kTile, k < kK; zero outside.
+template <typename T>
+__device__ __forceinline__ void stage_rows_16bit(const T* __restrict__ src, int64_t first, int64_t count, int64_t d,
+                                                 int64_t k0, T* __restrict__ dst) {
+  for (int e = threadIdx.x; e < kTile * kK; e += kThreads) {
+    const int r = e / kK;
+    const int k = e % kK;
+    const int64_t gr = first + r;
+    const int64_t gk = k0 + k;
+    dst[r * kLdh + k] = (gr < count && gk < d) ? src[gr * d + gk] : from_float<T>(0.f);
+  }
+}
+
+// Tensor-core score tile for bf16/fp16: warp w computes rows 16 (w / 2) .. +16, columns 32 (w % 2) .. +32 as two
+// 16x16 fp32 accumulators, stores them to `scores` (row-major, stride kLds), and every thread then reads its s.
+// Fragment pointers are 32-byte aligned: row offsets are multiples of 16 * kLdh * 2 = 1280 B (operands) and
+// 16 * kLds * 4 = 4352 B (scores), column offsets multiples of 32 B.
+template <typename T>
+__device__ __forceinline__ void score_tile_wmma(const T* __restrict__ rows, const T* __restrict__ cols, int64_t m,
+                                                int64_t n, int64_t d, int64_t row0, int64_t col0,
+                                                float* __restrict__ stage, float* __restrict__ scores,
+                                                float (&s)[kPer][kPer]) {
+  namespace wmma = nvcuda::wmma;
+  const int tx = threadIdx.x % kSide;
+  const int ty = threadIdx.x / kSide;
+  const int warp = threadIdx.x / 32;
+  const int strip = warp / 2;         // 16-row strip of the tile
+  const int first_col = (warp % 2) * 32;
+  T* a_h = reinterpret_cast<T*>(stage);
+  T* b_h = a_h + kTile * kLdh;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.f);
+  wmma::fill_fragment(acc[1], 0.f);
+  for (int64_t k0 = 0; k0 < d; k0 += kK) {
+    stage_rows_16bit(rows, row0, m, d, k0, a_h);
+    stage_rows_16bit(cols, col0, n, d, k0, b_h);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, a_h + strip * 16 * kLdh + kk, kLdh);
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        // B = cols^T (k x c): element (k, c) sits at b_h[c * kLdh + k], i.e. column-major with stride kLdh
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::load_matrix_sync(b, b_h + (first_col + 16 * f) * kLdh + kk, kLdh);
+        wmma::mma_sync(acc[f], a, b, acc[f]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int f = 0; f < 2; ++f)
+    wmma::store_matrix_sync(scores + strip * 16 * kLds + first_col + 16 * f, acc[f], kLds, wmma::mem_row_major);
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kPer; ++i)
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) s[i][j] = scores[(ty + kSide * i) * kLds + tx + kSide * j];
+  __syncthreads();  // the caller may overwrite `scores` (the backward reuses it for g (p - t))
+}
+#endif
+
+// s[i][j] = rows[row0 + ty + 16 i] . cols[col0 + tx + 16 j]; padded rows and columns score 0.
+// Every thread of the block must call it (it synchronises); `stage` and `scores` are free again on return.
+template <typename T>
+__device__ __forceinline__ void score_tile(const T* __restrict__ rows, const T* __restrict__ cols, int64_t m,
+                                           int64_t n, int64_t d, int64_t row0, int64_t col0,
+                                           float* __restrict__ stage, float* __restrict__ scores,
+                                           float (&s)[kPer][kPer]) {
+#ifdef SSLSCALE_INFONCE_WMMA
+  if constexpr (!std::is_same<T, float>::value) {
+    score_tile_wmma(rows, cols, m, n, d, row0, col0, stage, scores, s);
+  } else {
+    score_tile_simt(rows, cols, m, n, d, row0, col0, stage, s);
+  }
+#else
+  score_tile_simt(rows, cols, m, n, d, row0, col0, stage, s);
+#endif
+}
+
 // Per-row state the backward needs. Rows past m get g = 0, lse = +inf and no positive: their g(p - t) is 0.
 struct RowInfo {
   float g[kPer];
@@ -148,7 +245,7 @@ __device__ __forceinline__ RowInfo load_rows(const float* __restrict__ grad, con
   return info;
 }
 
-// Writes g_i (p_ij - t_ij) of this thread's scores into ds[row * kPad + col] (tile-local indices).
+// Writes g_i (p_ij - t_ij) of this thread's scores into ds[row * kLds + col] (tile-local indices).
 __device__ __forceinline__ void store_grad_logits(const float (&s)[kPer][kPer], const RowInfo& info, int64_t col0,
                                                   int64_t n, float* __restrict__ ds) {
   const int tx = threadIdx.x % kSide;
@@ -160,7 +257,7 @@ __device__ __forceinline__ void store_grad_logits(const float (&s)[kPer][kPer], 
       const int64_t c = col0 + tx + kSide * j;
       const float p = (c < n && c != info.self[i]) ? __expf(s[i][j] - info.lse[i]) : 0.f;
       const float t = (c == info.pos[i]) ? 1.f : 0.f;
-      ds[(ty + kSide * i) * kPad + tx + kSide * j] = info.g[i] * (p - t);
+      ds[(ty + kSide * i) * kLds + tx + kSide * j] = info.g[i] * (p - t);
     }
   }
 }
@@ -170,7 +267,8 @@ __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ rows, const T* __restrict__ cols, const int64_t* __restrict__ pos,
                    const int64_t* __restrict__ self_idx, float* __restrict__ loss, float* __restrict__ lse,
                    int64_t m, int64_t n, int64_t d) {
-  __shared__ float stage[kStage];
+  __shared__ __align__(32) float stage[kStage];
+  __shared__ __align__(32) float scores[kTile * kLds];  // WMMA score tile (16-bit inputs only)
   const int tx = threadIdx.x % kSide;
   const int ty = threadIdx.x / kSide;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -189,7 +287,7 @@ __global__ void __launch_bounds__(kThreads)
 
   float s[kPer][kPer];
   for (int64_t col0 = 0; col0 < n; col0 += kTile) {
-    score_tile(rows, cols, m, n, d, row0, col0, stage, s);
+    score_tile(rows, cols, m, n, d, row0, col0, stage, scores, s);
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       float tile_max = -CUDART_INF_F;
@@ -228,8 +326,8 @@ __global__ void __launch_bounds__(kThreads)
     grad_rows_kernel(const float* __restrict__ grad, const T* __restrict__ rows, const T* __restrict__ cols,
                      const int64_t* __restrict__ pos, const int64_t* __restrict__ self_idx,
                      const float* __restrict__ lse, T* __restrict__ d_rows, int64_t m, int64_t n, int64_t d) {
-  __shared__ float stage[kStage];      // score operands, then kChunk columns x kOut features of cols
-  __shared__ float ds[kTile * kPad];   // g (p - t) of the current tile, [row][col]
+  __shared__ __align__(32) float stage[kStage];      // score operands, then kChunk columns x kOut features of cols
+  __shared__ __align__(32) float ds[kTile * kLds];   // WMMA scores, then g (p - t) of the tile, [row][col]
   const int tx = threadIdx.x % kSide;
   const int ty = threadIdx.x / kSide;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -239,7 +337,7 @@ __global__ void __launch_bounds__(kThreads)
   float acc[kPer][kOutPer] = {};
   float s[kPer][kPer];
   for (int64_t col0 = 0; col0 < n; col0 += kTile) {
-    score_tile(rows, cols, m, n, d, row0, col0, stage, s);
+    score_tile(rows, cols, m, n, d, row0, col0, stage, ds, s);
     store_grad_logits(s, info, col0, n, ds);
     for (int c0 = 0; c0 < kTile; c0 += kChunk) {
       stage_slice(cols, col0 + c0, n, d, out0, stage);
@@ -251,7 +349,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < kOutPer; ++j) b[j] = stage[c * kOut + tx + kSide * j];
 #pragma unroll
         for (int i = 0; i < kPer; ++i) {
-          const float a = ds[(ty + kSide * i) * kPad + c0 + c];
+          const float a = ds[(ty + kSide * i) * kLds + c0 + c];
 #pragma unroll
           for (int j = 0; j < kOutPer; ++j) acc[i][j] = fmaf(a, b[j], acc[i][j]);
         }
@@ -277,8 +375,8 @@ __global__ void __launch_bounds__(kThreads)
     grad_cols_kernel(const float* __restrict__ grad, const T* __restrict__ rows, const T* __restrict__ cols,
                      const int64_t* __restrict__ pos, const int64_t* __restrict__ self_idx,
                      const float* __restrict__ lse, T* __restrict__ d_cols, int64_t m, int64_t n, int64_t d) {
-  __shared__ float stage[kStage];      // score operands, then kChunk rows x kOut features of rows
-  __shared__ float ds[kTile * kPad];   // g (p - t) of the current tile, [row][col]
+  __shared__ __align__(32) float stage[kStage];      // score operands, then kChunk rows x kOut features of rows
+  __shared__ __align__(32) float ds[kTile * kLds];   // WMMA scores, then g (p - t) of the tile, [row][col]
   const int tx = threadIdx.x % kSide;
   const int ty = threadIdx.x / kSide;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -289,7 +387,7 @@ __global__ void __launch_bounds__(kThreads)
   float s[kPer][kPer];
   for (int64_t row0 = 0; row0 < m; row0 += kTile) {
     const RowInfo info = load_rows(grad, lse, pos, self_idx, row0, m);
-    score_tile(rows, cols, m, n, d, row0, col0, stage, s);
+    score_tile(rows, cols, m, n, d, row0, col0, stage, ds, s);
     store_grad_logits(s, info, col0, n, ds);
     for (int r0 = 0; r0 < kTile; r0 += kChunk) {
       stage_slice(rows, row0 + r0, m, d, out0, stage);
@@ -301,7 +399,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < kOutPer; ++j) b[j] = stage[r * kOut + tx + kSide * j];
 #pragma unroll
         for (int i = 0; i < kPer; ++i) {
-          const float a = ds[(r0 + r) * kPad + ty + kSide * i];
+          const float a = ds[(r0 + r) * kLds + ty + kSide * i];
 #pragma unroll
           for (int j = 0; j < kOutPer; ++j) acc[i][j] = fmaf(a, b[j], acc[i][j]);
         }
