@@ -153,3 +153,11 @@ def test_bf16_gradient_tiles_stay_within_tolerance(monkeypatch):
     _, _, want_rows, want_cols = _oracle(rows, cols, pos, self_idx, grad)
     _close(d_rows, want_rows, TOL[torch.bfloat16], "d_rows")
     _close(d_cols, want_cols, TOL[torch.bfloat16], "d_cols")
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setattr(kernels, "_INTERPRETED", False)
+    x = torch.randn(3, 4)
+    idx = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.infonce_fwd(x, x, idx, idx)

@@ -192,6 +192,11 @@ def _check(rows: torch.Tensor, cols: torch.Tensor, pos: torch.Tensor, self_idx: 
     devices = {t.device for t in (rows, cols, pos, self_idx)}
     if len(devices) != 1:
         raise ValueError(f"rows, cols, pos and self_idx must be on one device, got {sorted(map(str, devices))}")
+    if rows.device.type == "cpu" and not _INTERPRETED:
+        raise RuntimeError(
+            "the Triton InfoNCE kernels run on CPU tensors only in interpreter mode: set TRITON_INTERPRET=1 "
+            "before sslscale.kernels.infonce is imported"
+        )
 
 
 def infonce_fwd(
