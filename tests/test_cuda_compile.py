@@ -5,7 +5,7 @@
   wheel ships the c10/cuda headers; `C10_CUDA_NO_CMAKE_CONFIGURE_FILE` stands in for its missing build config).
 
 Files are globbed at collection time, so a new kernel directory is covered without touching this file. Skipped
-only when the compiler is absent.
+only when the compiler is absent. Marked slow: ~5-15 s of CPU per file (more wall time on a busy machine).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def _report(proc: subprocess.CompletedProcess, what: str) -> str:
     return f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found in PATH or /usr/local/cuda/bin")
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: str(p.relative_to(CSRC)))
 def test_cu_file_compiles(source: Path, tmp_path: Path):
@@ -71,6 +72,7 @@ def _cxx() -> str | None:
     return os.environ.get("CXX") if os.environ.get("CXX") and shutil.which(os.environ["CXX"]) else shutil.which("g++")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_nvcc() is None or _cxx() is None, reason="needs nvcc (for the CUDA headers) and g++")
 @pytest.mark.parametrize("source", BINDINGS, ids=lambda p: str(p.relative_to(CSRC)))
 def test_cuda_binding_syntax(source: Path):
