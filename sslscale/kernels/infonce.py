@@ -169,7 +169,7 @@ class _Config:
 def _config(d: int, dtype: torch.dtype, interpreted: bool) -> _Config:
     width = max(16, triton.next_power_of_2(d))
     if interpreted:
-        # the interpreter pays per tile step, not per flop: one output feature block, big row/column tiles
+        # the interpreter pays per tile step, not per flop: wide feature blocks (numel <= 2^20 per broadcast)
         return _Config(64, 64, min(width, 256), min(width, 256), 1, 1, True, False, "ieee")
     # fp32 inputs: tf32x3 keeps ~fp32 accuracy on tensor cores. With bf16/fp16 inputs only the fp16 backward's
     # upcast second dot is fp32, where tf32 matches the inputs' own 10-bit mantissa.
