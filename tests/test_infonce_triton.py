@@ -1,0 +1,163 @@
+"""The Triton InfoNCE kernels against the plain-PyTorch oracle, forward and both gradients.
+
+Runs in Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1) and compiled on a CUDA machine. The oracle
+gets the same (already rounded) inputs upcast to fp64, so the tolerances measure the kernel's own error: fp32
+accumulation everywhere, plus the rounding of bf16/fp16 gradients to their output dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import sslscale.ops
+from sslscale.ops import reference
+
+kernels = pytest.importorskip("sslscale.kernels.infonce")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# relative to the largest reference magnitude of each output
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _problem(m: int, n: int, d: int, dtype: torch.dtype, scale: float, with_self: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(m, d, generator=gen) * (scale / d**0.5)
+    cols = torch.randn(n, d, generator=gen)
+    pos = torch.randint(0, n, (m,), generator=gen)
+    self_idx = torch.full((m,), -1, dtype=torch.int64)
+    if with_self:
+        # every third row excludes nothing; the others exclude a column that is not their positive
+        self_idx = (pos + 1 + torch.randint(0, n - 1, (m,), generator=gen)) % n
+        self_idx[::3] = -1
+    grad = torch.rand(m, generator=gen) + 0.5
+    to = dict(device=DEVICE)
+    return rows.to(dtype=dtype, **to), cols.to(dtype=dtype, **to), pos.to(**to), self_idx.to(**to), grad.to(**to)
+
+
+def _oracle(rows, cols, pos, self_idx, grad):
+    r = rows.double().requires_grad_()
+    c = cols.double().requires_grad_()
+    loss, lse = reference.infonce_rows(r, c, pos, self_idx)
+    (loss * grad.double()).sum().backward()
+    return loss.detach(), lse.detach(), r.grad, c.grad
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rel: float, what: str) -> None:
+    scale = want.abs().max().item()
+    err = (got.double() - want).abs().max().item()
+    assert err <= rel * max(scale, 1.0), f"{what}: max error {err:.3g} vs largest value {scale:.3g} (rel tol {rel})"
+
+
+CASES = [
+    # m, n, d, dtype, scale (1/tau-like), self_idx
+    (7, 14, 33, torch.float32, 20.0, True),
+    (7, 14, 33, torch.bfloat16, 20.0, True),
+    (130, 260, 96, torch.float32, 1.0, True),
+    (130, 260, 96, torch.bfloat16, 20.0, False),
+    (65, 66, 5, torch.float16, 10.0, True),
+    (9, 70, 1000, torch.float32, 30.0, True),  # wide features: several K steps and output feature blocks
+]
+
+
+@pytest.mark.parametrize("m,n,d,dtype,scale,with_self", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_kernels_match_reference(m, n, d, dtype, scale, with_self):
+    rows, cols, pos, self_idx, grad = _problem(m, n, d, dtype, scale, with_self)
+    loss, lse = kernels.infonce_fwd(rows, cols, pos, self_idx)
+    d_rows, d_cols = kernels.infonce_bwd(grad, rows, cols, pos, self_idx, lse)
+    want_loss, want_lse, want_rows, want_cols = _oracle(rows, cols, pos, self_idx, grad)
+
+    assert loss.dtype == lse.dtype == torch.float32 and loss.shape == lse.shape == (m,)
+    assert d_rows.dtype == rows.dtype and d_cols.dtype == cols.dtype
+    # forward: fp32 accumulation of exactly representable products, whatever the input dtype
+    _close(lse, want_lse, 1e-5, "lse")
+    _close(loss, want_loss, 1e-5, "loss")
+    _close(d_rows, want_rows, TOL[dtype], "d_rows")
+    _close(d_cols, want_cols, TOL[dtype], "d_cols")
+
+
+def test_large_logits_need_the_online_max():
+    """Logits near 1e3 overflow a plain exp in fp32; the running max keeps the LSE finite and exact."""
+    rows, cols, pos, self_idx, grad = _problem(20, 40, 16, torch.float32, 3000.0, True)
+    loss, lse = kernels.infonce_fwd(rows, cols, pos, self_idx)
+    want_loss, want_lse, want_rows, _ = _oracle(rows, cols, pos, self_idx, grad)
+    assert want_lse.abs().max() > 300  # the premise: exp(lse) is not representable in fp32
+    assert torch.isfinite(lse).all()
+    _close(lse, want_lse, 1e-6, "lse")
+    d_rows, _ = kernels.infonce_bwd(grad, rows, cols, pos, self_idx, lse)
+    _close(d_rows, want_rows, 1e-4, "d_rows")
+
+
+def test_excluded_column_gets_no_probability():
+    """A row whose only other column is excluded has lse = its one remaining logit and zero gradient wrt it."""
+    rows = torch.tensor([[1.0, 2.0], [0.5, -1.0]], device=DEVICE)
+    cols = torch.tensor([[3.0, 0.0], [0.0, 1.0]], device=DEVICE)
+    pos = torch.tensor([1, 0], device=DEVICE)
+    self_idx = torch.tensor([0, 1], device=DEVICE)
+    loss, lse = kernels.infonce_fwd(rows, cols, pos, self_idx)
+    torch.testing.assert_close(lse, torch.tensor([2.0, 1.5], device=DEVICE))
+    torch.testing.assert_close(loss, torch.zeros(2, device=DEVICE))
+    d_rows, d_cols = kernels.infonce_bwd(torch.ones(2, device=DEVICE), rows, cols, pos, self_idx, lse)
+    assert d_rows.abs().max() == 0 and d_cols.abs().max() == 0
+
+
+def test_bad_inputs_are_named():
+    rows = torch.randn(4, 8, device=DEVICE)
+    cols = torch.randn(5, 8, device=DEVICE)
+    pos = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="share d"):
+        kernels.infonce_fwd(rows, torch.randn(5, 7, device=DEVICE), pos, pos)
+    with pytest.raises(ValueError, match="pos must be int64"):
+        kernels.infonce_fwd(rows, cols, pos.int(), pos)
+    with pytest.raises(TypeError, match="share a dtype"):
+        kernels.infonce_fwd(rows, cols.double(), pos, pos)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        kernels.infonce_bwd(torch.ones(4, device=DEVICE), rows, cols, pos, pos, torch.zeros(3, device=DEVICE))
+
+
+@pytest.mark.parametrize("mode", ["simclr", "clip"])
+def test_op_matches_textbook_loss_and_temperature_gradient(mode):
+    """`sslscale.ops.infonce(backend="triton")` against the full-logits NT-Xent / CLIP losses, tau included."""
+    gen = torch.Generator().manual_seed(1)
+    a0 = torch.randn(24, 40, generator=gen, dtype=torch.float64)
+    b0 = torch.randn(24, 40, generator=gen, dtype=torch.float64)
+    want_fn = reference.nt_xent if mode == "simclr" else reference.clip_loss
+
+    a, b = a0.float().to(DEVICE).requires_grad_(), b0.float().to(DEVICE).requires_grad_()
+    tau = torch.tensor(0.07, device=DEVICE, requires_grad=True)
+    loss = sslscale.ops.infonce(a, b, mode=mode, temperature=tau, backend="triton")
+    loss.backward()
+
+    ra, rb = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    rtau = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
+    want = want_fn(ra, rb, rtau)
+    want.backward()
+
+    assert abs(loss.item() - want.item()) < 1e-5 * max(1.0, abs(want.item()))
+    _close(a.grad.cpu(), ra.grad, 1e-4, "grad a")
+    _close(b.grad.cpu(), rb.grad, 1e-4, "grad b")
+    assert abs(tau.grad.item() - rtau.grad.item()) < 1e-4 * max(1.0, abs(rtau.grad.item())), "grad tau"
+
+
+def test_bf16_gradient_tiles_stay_within_tolerance(monkeypatch):
+    """On a GPU the backward rounds g (p - t) to bf16 before its second dot; emulate that rounding here."""
+    if DEVICE == "cuda":
+        pytest.skip("the compiled path already runs with bf16 gradient tiles")
+    make = kernels._config
+    monkeypatch.setattr(kernels, "_config", lambda d, dtype, interp: replace(make(d, dtype, interp), bf16_grad=True))
+    rows, cols, pos, self_idx, grad = _problem(130, 260, 96, torch.bfloat16, 20.0, True)
+    _, lse = kernels.infonce_fwd(rows, cols, pos, self_idx)
+    d_rows, d_cols = kernels.infonce_bwd(grad, rows, cols, pos, self_idx, lse)
+    _, _, want_rows, want_cols = _oracle(rows, cols, pos, self_idx, grad)
+    _close(d_rows, want_rows, TOL[torch.bfloat16], "d_rows")
+    _close(d_cols, want_cols, TOL[torch.bfloat16], "d_cols")
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setattr(kernels, "_INTERPRETED", False)
+    x = torch.randn(3, 4)
+    idx = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.infonce_fwd(x, x, idx, idx)
