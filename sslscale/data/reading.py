@@ -79,6 +79,9 @@ def read_shard(path: str, errors: ErrorCounter, expected: int | None = None) -> 
         errors("unreadable_shard", path, failure[0])
         return []
     grouped = list(group_by_keys(iter(entries), handler=stop))
+    if not failure and (len(data) % 512 or data[-1024:].count(0) != 1024):
+        # tarfile's stream reader stops quietly at a cut; a complete tar ends with two zero blocks
+        failure.append(EOFError("no end-of-archive marker: the file was cut short"))
     if failure:
         errors("truncated_shard", path, failure[0])
     elif expected is not None and len(grouped) < expected:

@@ -294,7 +294,8 @@ class _Worker:
         while target is None or st["batches"] < target:
             shard_index = plan.shard_at(self.epoch, self.slot, st["shard_pos"], mine)
             info = plan.shards[shard_index]
-            self.errors.muted = resuming  # this shard's errors were counted before the checkpoint
+            # errors are counted once: not again when resuming inside this shard, nor on refill passes
+            self.errors.muted = resuming or (mine is not None and st["shard_pos"] >= len(mine))
             samples = read_shard(info.path, self.errors, info.count)
             self.errors.muted, resuming = False, False
             if spec.shuffle:

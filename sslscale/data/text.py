@@ -136,24 +136,6 @@ def classify_batch(docs: list[list[int]], labels: list[int], seq_len: int) -> di
     return {"input_ids": ids, "attention_mask": attention, "label": torch.tensor(labels, dtype=torch.int64)}
 
 
-class BlockPacker:
-    """Concatenates `doc [EOS]` token streams and cuts fixed `seq_len` blocks; the partial tail (`carry`) is
-    part of the stream state so a resumed stream continues the same blocks."""
-
-    def __init__(self, seq_len: int, carry: list[int] | None = None):
-        self.seq_len = seq_len
-        self.carry: list[int] = list(carry or [])
-
-    def add(self, ids: list[int]) -> list[list[int]]:
-        self.carry.extend(ids)
-        self.carry.append(EOS_ID)
-        blocks = []
-        while len(self.carry) >= self.seq_len:
-            blocks.append(self.carry[: self.seq_len])
-            self.carry = self.carry[self.seq_len:]
-        return blocks
-
-
 def clm_batch(blocks: list[list[int]]) -> dict:
     ids = torch.tensor(blocks, dtype=torch.int64)
     return {"input_ids": ids, "labels": ids.clone()}
