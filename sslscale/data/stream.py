@@ -260,7 +260,10 @@ class _Worker:
             image = decode_image(sample, self.errors, where)
             return None if image is None else (image, label)
         text = decode_text(sample, self.errors, where)
-        return None if text is None else (self.tokenizer.encode(text).ids, label)
+        if text is None:
+            return None
+        # CLM packs whole documents as they come; the others tokenize a window per batch (see _make_batch)
+        return (self.tokenizer.encode(text).ids, label) if self.spec.pipeline == "clm" else (text, label)
 
     def _make_batch(self, items: list, batch_index: int) -> dict:
         spec, gen = self.spec, _generator(self.spec.seed, "batch", self.epoch, self.slot, batch_index)
@@ -275,7 +278,9 @@ class _Worker:
             if spec.pipeline == "rotation":
                 return vision.rotation_batch(images, labels_t, gen)
             return vision.labeled_batch(images, labels_t)
-        docs = [ids for ids, _ in items]
+        window = spec.seq_len - (3 if spec.pipeline == "nsp" else 2)
+        docs = textlib.tokenize_windows(self.tokenizer, [text for text, _ in items], window,
+                                        None if spec.pipeline == "text_labeled" else gen)
         if spec.pipeline == "mlm":
             return textlib.mlm_batch(docs, spec.seq_len, self.plan.vocab_size, gen, spec.mask_prob)
         if spec.pipeline == "nsp":
@@ -387,14 +392,22 @@ class Stream:
         if self.spec.num_workers == 0:
             source = iter(dataset)
         else:
+            if plan.tokenizer_path is not None:
+                # one thread per worker; also silences tokenizers' "process just got forked" warning
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             source = iter(torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.spec.num_workers, prefetch_factor=self.spec.prefetch_factor,
                 multiprocessing_context=self.spec.multiprocessing_context, persistent_workers=False))
-        for batch, state in source:
-            worker = state.pop("worker")
-            self._states[worker] = state
-            self._next_worker = (worker + 1) % plan.workers
-            yield batch
+        try:
+            for batch, state in source:
+                worker = state.pop("worker")
+                self._states[worker] = state
+                self._next_worker = (worker + 1) % plan.workers
+                yield batch
+        finally:  # stop DataLoader workers now when the consumer breaks out, not at garbage collection
+            shutdown = getattr(source, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         self._close_epoch()
 
     def _close_epoch(self) -> None:
