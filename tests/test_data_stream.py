@@ -206,3 +206,19 @@ def test_corrupt_data_fail_policy_raises(fm, tmp_path, num_workers):
             found = True
             assert "corrupt='fail'" in str(e)
     assert found
+
+
+def test_epoch_boundaries_in_state(fm):
+    spec = StreamSpec(shards=str(fm), pipeline="labeled", batch_size=8, num_workers=0, seed=2)
+    stream = build_stream(spec, rank=0, world_size=2)
+    full = _take(stream, len(stream))
+    state = stream.state_dict()
+    assert state["epoch"] == 1 and state["worker_states"] == {}, "after the last batch the state is epoch 1's start"
+    stream = build_stream(spec, rank=0, world_size=2)
+    _take(stream, 3)
+    stream.set_epoch(0)  # the usual training-loop call must not lose the position
+    rest = list(stream)
+    assert len(rest) == len(full) - 3
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(full[3:], rest))
+    stream.set_epoch(5)
+    assert stream.state_dict()["epoch"] == 5

@@ -68,6 +68,7 @@ class StreamSpec:
     mask_prob: float = 0.15
     # DataLoader
     prefetch_factor: int = 2
+    pin_memory: bool = False  # DataLoader pin_memory (page-locked batches for faster host-to-GPU copies)
     multiprocessing_context: str | None = None  # None: torch's default (fork on Linux)
 
     def __post_init__(self) -> None:
@@ -167,6 +168,9 @@ class _Plan:
             self._setup_tokenizer(manifest, base)
         if spec.mode == "epoch":
             self._check_epoch_mode()
+        elif spec.batches_per_epoch is not None and spec.batches_per_epoch < self.workers:
+            raise ValueError(f"batches_per_epoch={spec.batches_per_epoch} is below num_workers={self.workers}: "
+                             "each worker yields batches_per_epoch // num_workers batches")
 
     def _setup_tokenizer(self, manifest: dict | None, base: Path | None) -> None:
         spec = self.spec
@@ -383,8 +387,10 @@ class Stream:
         return n
 
     def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` at the next iteration (forgets a mid-epoch position)."""
-        self.epoch, self._states, self._next_worker = int(epoch), {}, 0
+        """Make the next iteration run `epoch`. Setting the epoch the stream is already in keeps its position,
+        so `load_state_dict(); set_epoch(e); for batch in stream` resumes mid-epoch as expected."""
+        if int(epoch) != self.epoch:
+            self.epoch, self._states, self._next_worker = int(epoch), {}, 0
 
     def __iter__(self) -> Iterator[dict]:
         plan = self.plan
@@ -397,20 +403,29 @@ class Stream:
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             source = iter(torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.spec.num_workers, prefetch_factor=self.spec.prefetch_factor,
-                multiprocessing_context=self.spec.multiprocessing_context, persistent_workers=False))
+                multiprocessing_context=self.spec.multiprocessing_context, persistent_workers=False, pin_memory=self.spec.pin_memory))
+        per_worker = plan.per_worker_batches(self.epoch)
+        closed = False
         try:
             for batch, state in source:
                 worker = state.pop("worker")
                 self._states[worker] = state
                 self._next_worker = (worker + 1) % plan.workers
+                if per_worker is not None and all(
+                        self._states.get(w, {}).get("batches") == per_worker for w in range(plan.workers)):
+                    # the epoch's last batch: a state taken now already points at the next epoch
+                    self._close_epoch()
+                    closed = True
                 yield batch
         finally:  # stop DataLoader workers now when the consumer breaks out, not at garbage collection
             shutdown = getattr(source, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
-        self._close_epoch()
+        if not closed:
+            self._close_epoch()
 
     def _close_epoch(self) -> None:
+        """Fold the finished epoch's worker counters into the totals and move to the next epoch."""
         done = self._stats_done
         for st in self._states.values():
             done["samples"] += st["samples"]
