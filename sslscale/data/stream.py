@@ -401,9 +401,11 @@ class Stream:
             if plan.tokenizer_path is not None:
                 # one thread per worker; also silences tokenizers' "process just got forked" warning
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            spec = self.spec
             source = iter(torch.utils.data.DataLoader(
-                dataset, batch_size=None, num_workers=self.spec.num_workers, prefetch_factor=self.spec.prefetch_factor,
-                multiprocessing_context=self.spec.multiprocessing_context, persistent_workers=False, pin_memory=self.spec.pin_memory))
+                dataset, batch_size=None, num_workers=spec.num_workers, prefetch_factor=spec.prefetch_factor,
+                multiprocessing_context=spec.multiprocessing_context, persistent_workers=False,
+                pin_memory=spec.pin_memory))
         per_worker = plan.per_worker_batches(self.epoch)
         closed = False
         try:
