@@ -98,6 +98,8 @@ def write_shards(source: str, split: str, out: str | os.PathLike, per_shard: int
         raise ValueError(f"--per-shard must be >= 1, got {per_shard}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+    if tokenizer is not None and not Path(tokenizer).is_file():
+        raise FileNotFoundError(f"--tokenizer {tokenizer} is not a file")
     out = Path(out)
     data = load_source(source, split)  # fail on a missing source before touching --out
     _prepare_out(out, force)
@@ -162,6 +164,9 @@ def _prepare_tokenizer(data: SourceData, order: np.ndarray, out: Path, tokenizer
         shutil.copyfile(tokenizer, out / TOKENIZER)
         tok = load_tokenizer(out / TOKENIZER)
     else:
+        if data.split != "train":
+            print(f"note: training a tokenizer on the {data.split} split; pass --tokenizer TRAIN_DIR/{TOKENIZER} "
+                  "to share the train split's vocabulary", file=sys.stderr)
         tok = train_tokenizer(texts, out / TOKENIZER, vocab_size=vocab_size)
     return np.array([len(e.ids) + 1 for e in tok.encode_batch(texts)], dtype=np.int64)
 
