@@ -68,6 +68,7 @@ class StreamSpec:
     mask_prob: float = 0.15
     # DataLoader
     prefetch_factor: int = 2
+    inline_threads: int | None = 1  # num_workers=0: torch threads while a batch is assembled (None: leave as is)
     pin_memory: bool = False  # DataLoader pin_memory (page-locked batches for faster host-to-GPU copies)
     multiprocessing_context: str | None = None  # None: torch's default (fork on Linux)
 
@@ -269,6 +270,19 @@ class _Worker:
         # CLM packs whole documents as they come; the others tokenize a window per batch (see _make_batch)
         return (self.tokenizer.encode(text).ids, label) if self.spec.pipeline == "clm" else (text, label)
 
+    def _assemble(self, items: list, batch_index: int) -> dict:
+        """`_make_batch`, with few torch threads when running inside the training process: per-sample
+        augmentation ops are tiny and intra-op threading made them 16x slower on a busy 2-core machine."""
+        threads = self.spec.inline_threads
+        if torch.utils.data.get_worker_info() is not None or threads is None:
+            return self._make_batch(items, batch_index)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return self._make_batch(items, batch_index)
+        finally:
+            torch.set_num_threads(before)
+
     def _make_batch(self, items: list, batch_index: int) -> dict:
         spec, gen = self.spec, _generator(self.spec.seed, "batch", self.epoch, self.slot, batch_index)
         if spec.pipeline == "clm":
@@ -332,7 +346,7 @@ class _Worker:
                         carry = carry[block_tokens:]
                     else:
                         items, pending = pending, []
-                    batch = self._make_batch(items, st["batches"])
+                    batch = self._assemble(items, st["batches"])
                     st["batches"] += 1
                     st["carry"] = list(carry)
                     st["skipped"] = dict(self.errors.counts)
