@@ -109,6 +109,14 @@ def test_imagefolder_and_errors(tmp_path):
     data = load_source(f"imagefolder:{tmp_path / 'imgs'}", "train")
     assert data.images.shape == (6, 1, 8, 8) and data.label_names == ["cats", "dogs"]
     assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    for cls, words in (("neg", "awful dull"), ("pos", "lovely bright")):
+        (tmp_path / "txt" / cls).mkdir(parents=True)
+        for i in range(12):
+            (tmp_path / "txt" / cls / f"{i}.txt").write_text(f"{words} {i}")
+    train = load_source(f"textfiles:{tmp_path / 'txt'}", "train")
+    test = load_source(f"textfiles:{tmp_path / 'txt'}", "test")
+    assert len(train) + len(test) == 24 and len(test) > 0 and train.label_names == ["neg", "pos"]
+    assert not set(train.texts) & set(test.texts)
     with pytest.raises(ValueError, match="unknown source 'nope'"):
         load_source("nope", "train")
     with pytest.raises(SourceMissing, match="does not exist"):
