@@ -10,6 +10,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("sslscale.info", "versions, kernel backends, CUDA/Triton status"),
+    "shards": ("sslscale.data.shards", "write a source split as webdataset tar shards + manifest.json"),
     "bench": ("sslscale.bench.cli", "kernel, data and training benchmarks (table + JSON)"),
 }
 
