@@ -149,9 +149,10 @@ def _bwd_dkdv_tiles(
         lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         s_t = _dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_DOT)
-        p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
+        s_t = s_t * qk_scale - lse2[None, :]
         if MASKED:
-            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+            s_t = tl.where(offs_m[None, :] >= offs_n[:, None], s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t)
         dv = _dot(p_t.to(do.dtype), do, dv, FP32_DOT)
         dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32_DOT)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -209,9 +210,10 @@ def _bwd_dq_tiles(
             k_t = tl.load(k_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None])
             v_t = tl.load(v_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None])
         s = _dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_DOT)
-        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        s = s * qk_scale - lse2[:, None]
         if MASKED:
-            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+        p = tl.math.exp2(s)
         dp = _dot(do, v_t, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_DOT)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k_t.dtype), tl.trans(k_t), dq, FP32_DOT)
