@@ -8,7 +8,8 @@ query tile for dQ. Tiles entirely above the diagonal are never visited (loop bou
 the diagonal are masked. Extra memory: the (B, H, T) LSE and delta.
 
 On CPU tensors this runs under the Triton interpreter (`TRITON_INTERPRET=1` before import), whose bf16 `tl.dot`
-is wrong: there every dot runs in fp32 (`FP32_DOT`), as it also does for fp32 inputs on the GPU (IEEE, no TF32).
+is wrong: there every dot runs in fp32 (`FP32_DOT`). fp32 inputs on the GPU use 3-pass TF32 ("tf32x3": tensor
+cores at close to fp32 accuracy; plain IEEE fp32 dots there lower to CUDA-core loops that spill heavily).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (32, 64, 128)
 _DTYPES = (torch.float32, torch.bfloat16)
+_FP32_PRECISION = tl.constexpr("ieee" if INTERPRET else "tf32x3")
 
 
 def _configs(shapes: list[tuple[int, int, int, int]], interpret_shape: tuple[int, int]) -> list[triton.Config]:
@@ -47,9 +49,9 @@ _DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64,
 
 @triton.jit
 def _dot(a, b, acc, FP32_DOT: tl.constexpr):
-    """acc + a @ b; in fp32 (IEEE) when FP32_DOT, else in the operands' dtype with fp32 accumulation."""
+    """acc + a @ b; in fp32 when FP32_DOT, else in the operands' dtype with fp32 accumulation."""
     if FP32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=_FP32_PRECISION)
     return tl.dot(a, b, acc)
 
 
