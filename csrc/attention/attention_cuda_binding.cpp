@@ -50,7 +50,7 @@ attn::Shape check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, 
   TORCH_CHECK(hkv > 0 && h % hkv == 0, op, ": heads=", h, " must be a multiple of kv_heads=", hkv);
   TORCH_CHECK(t >= 1, op, ": sequence length T must be at least 1, got ", t);
   TORCH_CHECK(b * h <= kMaxGridY, op, ": batch * heads = ", b * h, " exceeds the CUDA grid limit ", kMaxGridY);
-  TORCH_CHECK(b * h * t * d <= INT64_MAX / 4 && t <= INT32_MAX / 2, op, ": tensor too large, T=", t);
+  TORCH_CHECK(t <= INT32_MAX / 2, op, ": sequence length T=", t, " is too long for 32-bit row indices");
   return attn::Shape{static_cast<int>(b), static_cast<int>(h), static_cast<int>(hkv), static_cast<int>(t),
                      static_cast<int>(d)};
 }
