@@ -30,17 +30,19 @@ def _sources(pattern: str) -> list[str]:
 def _extension():
     with_cuda = torch.version.cuda is not None and os.environ.get("SSLSCALE_NO_CUDA", "0") != "1"
     sources = ["csrc/register.cpp"] + _sources("csrc/*/*_cpu.cpp")
-    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++17", "-DNDEBUG"]
+    cxx = ["-O3", "-g0", "-fopenmp", "-DNDEBUG"]  # the C++ standard is BuildExtension's choice
     if os.environ.get("SSLSCALE_NATIVE", "1") != "0":
         cxx.append("-march=native")
     extra = {"cxx": cxx}
     kwargs = dict(name="sslscale._C", include_dirs=[os.path.join(HERE, "csrc")], extra_link_args=["-fopenmp"])
     if not with_cuda:
         return CppExtension(sources=sources, extra_compile_args=extra, **kwargs)
+    # The bf16 tensor-core paths (WMMA) need sm_80+; default to Ampere and Hopper unless the user says otherwise.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources += _sources("csrc/*/*_cuda_binding.cpp") + _sources("csrc/*/*.cu")
     extra["cxx"].append("-DSSLSCALE_WITH_CUDA")
     extra["nvcc"] = [
-        "-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DSSLSCALE_WITH_CUDA",
+        "-O3", "--use_fast_math", "-lineinfo", "-DSSLSCALE_WITH_CUDA",
         "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
     ]
     return CUDAExtension(sources=sources, extra_compile_args=extra, **kwargs)
