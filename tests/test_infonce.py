@@ -99,20 +99,36 @@ def test_kernel_matches_oracle_fp32(name, device, m, n, d, scale, with_self):
     _assert_close(d_cols, want_dc, tol, "d_cols")
 
 
-def test_cpp_kernel_fp64_is_exact():
+# The C++ backward sweeps a (row group x column group) grid when it has enough cells for every thread (here
+# m > 128 * 2 * threads and n > 256 * 2 * threads) and falls back to two passes otherwise: both are covered.
+CPP_SHAPES = [(300, 517, 40), (777, 1100, 24)]
+CPP_TOL = {torch.float64: 1e-11, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("m, n, d", CPP_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_kernel_dtypes_and_schedules(m, n, d, dtype, threads):
     impl = _kernels("cpp", CPU)
     gen = torch.Generator().manual_seed(1)
-    rows = torch.randn(300, 40, generator=gen, dtype=torch.float64) * 4
-    cols = torch.randn(517, 40, generator=gen, dtype=torch.float64)
-    pos, self_idx = _indices(300, 517, with_self=True, generator=gen)
-    grad = torch.randn(300, generator=gen, dtype=torch.float64)
+    rows = (torch.randn(m, d, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    cols = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype)
+    pos, self_idx = _indices(m, n, with_self=True, generator=gen)
+    grad = torch.randn(m, generator=gen, dtype=torch.float64)
     want_loss, want_lse, want_dr, want_dc = _kernel_oracle(rows, cols, pos, self_idx, grad)
-    loss, lse = impl.infonce_fwd(rows, cols, pos, self_idx)
-    assert loss.dtype == lse.dtype == torch.float64
-    d_rows, d_cols = impl.infonce_bwd(grad, rows, cols, pos, self_idx, lse)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loss, lse = impl.infonce_fwd(rows, cols, pos, self_idx)
+        d_rows, d_cols = impl.infonce_bwd(grad.to(acc), rows, cols, pos, self_idx, lse)
+    finally:
+        torch.set_num_threads(before)
+    assert loss.dtype == lse.dtype == acc
+    assert d_rows.dtype == d_cols.dtype == dtype
     for got, want, what in ((loss, want_loss, "loss"), (lse, want_lse, "lse"), (d_rows, want_dr, "d_rows"),
                             (d_cols, want_dc, "d_cols")):
-        _assert_close(got, want, 1e-11, what)
+        _assert_close(got, want, CPP_TOL[dtype], what)
 
 
 def test_cpp_kernel_takes_non_contiguous_inputs():

@@ -2,8 +2,9 @@
 //
 // Forward: each worker takes a block of rows, streams column tiles through one small GEMM (MKL sgemm, single
 // threaded inside the parallel region) and folds every tile into an online max / sum-of-exp per row. Backward
-// recomputes the same tiles from the saved LSE, in two race-free passes: d_rows parallel over row blocks,
-// d_cols parallel over column tiles. Extra memory is O(m + tile) per call, never O(m * n).
+// recomputes the same tiles from the saved LSE and accumulates d_rows and d_cols in place, scheduled so that no
+// two workers ever write the same rows (see backward_grid). Extra memory is O(m + tile) per call, never O(m * n)
+// (bf16 adds fp32 accumulators of the outputs' size).
 //
 // Rows already carry 1/temperature, so logits are unbounded: the online max is what keeps exp() in range.
 // bf16 tiles are widened to fp32 before the GEMM; fp64 runs end to end in fp64 (for gradcheck).
@@ -67,10 +68,8 @@ struct MklSingleThread {
 
 template <typename acc_t>
 struct Workspace {
-  std::vector<acc_t> scores, rows, cols, grad;
-  Workspace(int64_t d)
-      : scores(kRowBlock * kColBlock), rows(kRowBlock * d), cols(kColBlock * d),
-        grad(std::max(kRowBlock, kColBlock) * d) {}
+  std::vector<acc_t> scores, rows, cols;
+  explicit Workspace(int64_t d) : scores(kRowBlock * kColBlock), rows(kRowBlock * d), cols(kColBlock * d) {}
 };
 
 // Work items handed out dynamically (a shared counter): robust when another process holds a core.
@@ -246,47 +245,101 @@ void scores_to_grad(acc_t* s, int64_t bm, int64_t bn, int64_t i0, int64_t j0, co
   }
 }
 
+// Backward, one pass: the (row group x column group) grid is swept in `groups` phases; in phase k worker g
+// takes cell (g, (g + k) mod groups), so no two cells of a phase share rows or columns and both d_rows and
+// d_cols accumulate in place without races. Each score tile is recomputed and exponentiated once.
 template <typename scalar_t, typename acc_t>
-void backward_impl(const Problem& pb, const acc_t* grad, const acc_t* lse, scalar_t* d_rows, scalar_t* d_cols) {
+void backward_grid(const Problem& pb, const acc_t* grad, const acc_t* lse, acc_t* d_rows, acc_t* d_cols,
+                   int64_t groups) {
+  const int64_t m = pb.m, n = pb.n, d = pb.d;
+  const scalar_t* rows = pb.rows.data_ptr<scalar_t>();
+  const scalar_t* cols = pb.cols.data_ptr<scalar_t>();
+  const int64_t* pos = pb.pos.data_ptr<int64_t>();
+  const int64_t* self_idx = pb.self_idx.data_ptr<int64_t>();
+  const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock, col_blocks = (n + kColBlock - 1) / kColBlock;
+
+  for (int64_t phase = 0; phase < groups; ++phase) {
+    for_each_block<acc_t>(groups, d, [&](int64_t g, Workspace<acc_t>& ws) {
+      const int64_t h = (g + phase) % groups;
+      const int64_t rb_end = (g + 1) * row_blocks / groups, cb_end = (h + 1) * col_blocks / groups;
+      for (int64_t rb = g * row_blocks / groups; rb < rb_end; ++rb) {
+        const int64_t i0 = rb * kRowBlock, bm = std::min(kRowBlock, m - i0);
+        const acc_t* r = widen(rows + i0 * d, bm * d, ws.rows.data());
+        for (int64_t cb = h * col_blocks / groups; cb < cb_end; ++cb) {
+          const int64_t j0 = cb * kColBlock, bn = std::min(kColBlock, n - j0);
+          const acc_t* c = widen(cols + j0 * d, bn * d, ws.cols.data());
+          acc_t* s = ws.scores.data();
+          gemm<acc_t>('N', 'T', bm, bn, d, r, d, c, d, acc_t(0), s, bn);
+          scores_to_grad(s, bm, bn, i0, j0, grad, lse, pos, self_idx);
+          gemm<acc_t>('N', 'N', bm, d, bn, s, bn, c, d, acc_t(1), d_rows + i0 * d, d);
+          gemm<acc_t>('T', 'N', bn, d, bm, s, bn, r, d, acc_t(1), d_cols + j0 * d, d);
+        }
+      }
+    });
+  }
+}
+
+// Backward, two passes (for grids too small to keep every thread busy): d_rows parallel over row blocks,
+// then d_cols parallel over column tiles; each score tile is computed twice.
+template <typename scalar_t, typename acc_t>
+void backward_two_pass(const Problem& pb, const acc_t* grad, const acc_t* lse, acc_t* d_rows, acc_t* d_cols) {
   const int64_t m = pb.m, n = pb.n, d = pb.d;
   const scalar_t* rows = pb.rows.data_ptr<scalar_t>();
   const scalar_t* cols = pb.cols.data_ptr<scalar_t>();
   const int64_t* pos = pb.pos.data_ptr<int64_t>();
   const int64_t* self_idx = pb.self_idx.data_ptr<int64_t>();
 
-  // d_rows: each worker owns a row block and sums over all column tiles.
   for_each_block<acc_t>((m + kRowBlock - 1) / kRowBlock, d, [&](int64_t block, Workspace<acc_t>& ws) {
     const int64_t i0 = block * kRowBlock, bm = std::min(kRowBlock, m - i0);
     const acc_t* r = widen(rows + i0 * d, bm * d, ws.rows.data());
-    acc_t* acc = ws.grad.data();
     for (int64_t j0 = 0; j0 < n; j0 += kColBlock) {
       const int64_t bn = std::min(kColBlock, n - j0);
       const acc_t* c = widen(cols + j0 * d, bn * d, ws.cols.data());
       acc_t* s = ws.scores.data();
       gemm<acc_t>('N', 'T', bm, bn, d, r, d, c, d, acc_t(0), s, bn);
       scores_to_grad(s, bm, bn, i0, j0, grad, lse, pos, self_idx);
-      gemm<acc_t>('N', 'N', bm, d, bn, s, bn, c, d, acc_t(j0 == 0 ? 0 : 1), acc, d);
+      gemm<acc_t>('N', 'N', bm, d, bn, s, bn, c, d, acc_t(1), d_rows + i0 * d, d);
     }
-    if (n == 0) std::fill_n(acc, bm * d, acc_t(0));
-    at::vec::convert(acc, d_rows + i0 * d, bm * d);
   });
-
-  // d_cols: each worker owns a column tile and sums over all row blocks.
   for_each_block<acc_t>((n + kColBlock - 1) / kColBlock, d, [&](int64_t block, Workspace<acc_t>& ws) {
     const int64_t j0 = block * kColBlock, bn = std::min(kColBlock, n - j0);
     const acc_t* c = widen(cols + j0 * d, bn * d, ws.cols.data());
-    acc_t* acc = ws.grad.data();
     for (int64_t i0 = 0; i0 < m; i0 += kRowBlock) {
       const int64_t bm = std::min(kRowBlock, m - i0);
       const acc_t* r = widen(rows + i0 * d, bm * d, ws.rows.data());
       acc_t* s = ws.scores.data();
       gemm<acc_t>('N', 'T', bm, bn, d, r, d, c, d, acc_t(0), s, bn);
       scores_to_grad(s, bm, bn, i0, j0, grad, lse, pos, self_idx);
-      gemm<acc_t>('T', 'N', bn, d, bm, s, bn, r, d, acc_t(i0 == 0 ? 0 : 1), acc, d);
+      gemm<acc_t>('T', 'N', bn, d, bm, s, bn, r, d, acc_t(1), d_cols + j0 * d, d);
     }
-    if (m == 0) std::fill_n(acc, bn * d, acc_t(0));
-    at::vec::convert(acc, d_cols + j0 * d, bn * d);
   });
+}
+
+// Grid groups per side: enough cells per phase for dynamic balancing, or 0 when the grid is too small.
+int64_t grid_groups(int64_t m, int64_t n) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = std::min({(m + kRowBlock - 1) / kRowBlock, (n + kColBlock - 1) / kColBlock, 4 * threads});
+  return groups >= std::max<int64_t>(2, 2 * threads) || (threads == 1 && groups >= 1) ? groups : 0;
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_impl(const Problem& pb, const acc_t* grad, const acc_t* lse, at::Tensor& d_rows, at::Tensor& d_cols) {
+  // fp32/fp64 accumulate in the outputs; bf16 in fp32 buffers narrowed at the end
+  at::Tensor rows_acc = std::is_same_v<scalar_t, acc_t> ? d_rows : at::empty(d_rows.sizes(), d_rows.options().dtype(
+      c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor cols_acc = std::is_same_v<scalar_t, acc_t> ? d_cols : at::empty(d_cols.sizes(), d_cols.options().dtype(
+      c10::CppTypeToScalarType<acc_t>::value));
+  rows_acc.zero_();
+  cols_acc.zero_();
+  if (const int64_t groups = grid_groups(pb.m, pb.n); groups > 0) {
+    backward_grid<scalar_t, acc_t>(pb, grad, lse, rows_acc.data_ptr<acc_t>(), cols_acc.data_ptr<acc_t>(), groups);
+  } else {
+    backward_two_pass<scalar_t, acc_t>(pb, grad, lse, rows_acc.data_ptr<acc_t>(), cols_acc.data_ptr<acc_t>());
+  }
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    d_rows.copy_(rows_acc);
+    d_cols.copy_(cols_acc);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& rows, const at::Tensor& cols,
@@ -313,8 +366,7 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_loss, 
   at::Tensor d_cols = at::empty_like(pb.cols);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, pb.rows.scalar_type(), "infonce_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    backward_impl<scalar_t, acc_t>(pb, grad.data_ptr<acc_t>(), lse_acc.data_ptr<acc_t>(),
-                                   d_rows.data_ptr<scalar_t>(), d_cols.data_ptr<scalar_t>());
+    backward_impl<scalar_t, acc_t>(pb, grad.data_ptr<acc_t>(), lse_acc.data_ptr<acc_t>(), d_rows, d_cols);
   });
   return {d_rows, d_cols};
 }
