@@ -39,10 +39,14 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
             const int* ldc);
 int MKL_Set_Num_Threads_Local(int nt);
 }
+// Weak: a torch built without MKL still loads this extension (and falls back to a plain loop GEMM).
+#pragma weak sgemm_
+#pragma weak dgemm_
+#pragma weak MKL_Set_Num_Threads_Local
 
 namespace {
 
-constexpr int64_t kRowBlock = 128;  // rows per work item (forward, d_rows pass)
+constexpr int64_t kRowBlock = 128;  // rows per work item (at most; fewer when m is small, see row_block)
 constexpr int64_t kColBlock = 256;  // columns per tile (and per work item of the d_cols pass)
 
 // Row-major C[M,N] = op(A) op(B) + beta C, with op = transpose when the flag is 'T'. Column-major BLAS sees
@@ -54,16 +58,28 @@ void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const acc_t* a, int
   const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
   const acc_t one = 1;
   if constexpr (std::is_same_v<acc_t, float>) {
-    sgemm_(&tb, &ta, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
+    if (sgemm_ != nullptr) return sgemm_(&tb, &ta, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
   } else {
-    dgemm_(&tb, &ta, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
+    if (dgemm_ != nullptr) return dgemm_(&tb, &ta, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
+  }
+  for (int64_t i = 0; i < m; ++i) {  // no BLAS: correct, not fast
+    for (int64_t j = 0; j < n; ++j) {
+      acc_t sum = 0;
+      for (int64_t p = 0; p < k; ++p) {
+        sum += (ta == 'T' ? a[p * lda + i] : a[i * lda + p]) * (tb == 'T' ? b[j * ldb + p] : b[p * ldb + j]);
+      }
+      c[i * ldc + j] = sum + (beta == 0 ? acc_t(0) : beta * c[i * ldc + j]);
+    }
   }
 }
 
 // Small per-tile GEMMs run inside the parallel region: MKL must not fork its own threads there.
 struct MklSingleThread {
-  int previous = MKL_Set_Num_Threads_Local(1);
-  ~MklSingleThread() { MKL_Set_Num_Threads_Local(previous); }
+  bool mkl = MKL_Set_Num_Threads_Local != nullptr;
+  int previous = mkl ? MKL_Set_Num_Threads_Local(1) : 0;
+  ~MklSingleThread() {
+    if (mkl) MKL_Set_Num_Threads_Local(previous);
+  }
 };
 
 template <typename acc_t>
@@ -192,6 +208,12 @@ at::Tensor check_row_vector(const at::Tensor& v, const char* name, int64_t m, at
   return v.to(acc).contiguous();
 }
 
+// Rows per work item of the row-parallel loops: kRowBlock, or fewer so that small m still feeds every thread.
+int64_t row_block(int64_t m) {
+  const int64_t per_worker = (m + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
+  return std::clamp<int64_t>((per_worker + 15) / 16 * 16, 16, kRowBlock);
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_impl(const Problem& pb, acc_t* loss, acc_t* lse) {
   const int64_t m = pb.m, n = pb.n, d = pb.d;
@@ -201,8 +223,9 @@ void forward_impl(const Problem& pb, acc_t* loss, acc_t* lse) {
   const int64_t* self_idx = pb.self_idx.data_ptr<int64_t>();
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
-  for_each_block<acc_t>((m + kRowBlock - 1) / kRowBlock, d, [&](int64_t block, Workspace<acc_t>& ws) {
-    const int64_t i0 = block * kRowBlock, bm = std::min(kRowBlock, m - i0);
+  const int64_t block_rows = row_block(m);
+  for_each_block<acc_t>((m + block_rows - 1) / block_rows, d, [&](int64_t block, Workspace<acc_t>& ws) {
+    const int64_t i0 = block * block_rows, bm = std::min(block_rows, m - i0);
     const acc_t* r = widen(rows + i0 * d, bm * d, ws.rows.data());
     acc_t run_max[kRowBlock], run_sum[kRowBlock], positive[kRowBlock];
     std::fill_n(run_max, bm, neg_inf);
@@ -289,8 +312,9 @@ void backward_two_pass(const Problem& pb, const acc_t* grad, const acc_t* lse, a
   const int64_t* pos = pb.pos.data_ptr<int64_t>();
   const int64_t* self_idx = pb.self_idx.data_ptr<int64_t>();
 
-  for_each_block<acc_t>((m + kRowBlock - 1) / kRowBlock, d, [&](int64_t block, Workspace<acc_t>& ws) {
-    const int64_t i0 = block * kRowBlock, bm = std::min(kRowBlock, m - i0);
+  const int64_t block_rows = row_block(m);
+  for_each_block<acc_t>((m + block_rows - 1) / block_rows, d, [&](int64_t block, Workspace<acc_t>& ws) {
+    const int64_t i0 = block * block_rows, bm = std::min(block_rows, m - i0);
     const acc_t* r = widen(rows + i0 * d, bm * d, ws.rows.data());
     for (int64_t j0 = 0; j0 < n; j0 += kColBlock) {
       const int64_t bn = std::min(kColBlock, n - j0);
