@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from sslscale.bench import common
-from sslscale.ops import availability, infonce
+from sslscale.ops import BACKENDS, availability, infonce
 
 DEFAULTS = {  # device -> (pairs B, feature dims, backends compared with the reference)
     "cpu": ([512, 2048, 8192], [256, 512], ["cpp"]),
@@ -81,7 +81,8 @@ def _measure(pairs: int, d: int, backend: str, args, device: torch.device, repea
     except torch.OutOfMemoryError:
         return {**row, "note": "out of memory"}
     rate = flops(args.mode, pairs, d) / (ms * 1e-3) / 1e12
-    return {**row, "ms": ms, "peak_mib": peak / 2**20, "tflops": rate}
+    memory = {"peak_gib": peak / 2**30} if device.type == "cuda" else {"peak_mib": peak / 2**20}
+    return {**row, "ms": ms, **memory, "peak_bytes": peak, "tflops": rate}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
         sizes, dims = QUICK[device.type]
     sizes, dims = args.sizes or sizes, args.dims or dims
     fused = args.backends.split(",") if args.backends else fused
+    unknown = [b for b in fused if b not in BACKENDS or b == "reference"]
+    if unknown:
+        raise SystemExit(f"--backends: {unknown} not fused backends; expected some of {BACKENDS[1:]}")
     repeat = args.repeat or (3 if args.quick else 5)
     if repeat < 1:
         raise SystemExit(f"--repeat must be at least 1, got {repeat}")
@@ -116,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                 row = _measure(pairs, d, backend, args, device, repeat)
                 if "ms" in row and "ms" in ref:
                     row["time_vs_ref"] = row["ms"] / ref["ms"]
-                    row["mem_ref_over"] = ref["peak_mib"] / max(row["peak_mib"], 1 / 1024)
+                    row["mem_ref_over"] = ref["peak_bytes"] / max(row["peak_bytes"], 1024)
                 rows.append(row)
             for r in rows[-1 - len(fused):]:
                 if "tflops" in r:
@@ -125,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{r['backend']} {r['ms']:.1f} ms" if "ms" in r else f"{r['backend']} ({r['note']})"
                 for r in rows[-1 - len(fused):]), flush=True)
 
-    columns = ["B", "rows", "d", "backend", "ms", "peak_mib", "tflops", "of_matmul", "time_vs_ref",
+    memory = "peak_gib" if device.type == "cuda" else "peak_mib"
+    columns = ["B", "rows", "d", "backend", "ms", memory, "tflops", "of_matmul", "time_vs_ref",
                "mem_ref_over", "note"]
     print()
     common.print_table(rows, columns)
