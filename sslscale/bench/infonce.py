@@ -2,10 +2,11 @@
 
 One call is `infonce(a, b).backward()` on B pairs (SimCLR: m = n = 2B rows and columns; CLIP: two B x B
 problems). FLOPs counted per call, for an m x n x d problem: forward 2mnd (the similarity GEMM); backward 4mnd
-to recompute the similarities twice (once for d_rows, once for d_cols) plus 4mnd for d_rows and d_cols, i.e.
-10mnd in all. The same count is used for every backend, so the reference (which does 6mnd but moves the m x n
-logits through memory several times) is credited with the fused kernels' work: the rate compares times, not
-implementations. The yardstick is a dense matmul measured in the same run.
+to recompute the similarities twice (once for d_rows, once for d_cols, as separate row- and column-parallel
+kernels do) plus 4mnd for d_rows and d_cols, i.e. 10mnd in all. The same count is used for every backend, so it
+compares times, not implementations: the reference does 6mnd (but moves the m x n logits through memory several
+times), the C++ grid backward recomputes each tile once (8mnd). The yardstick is a dense matmul measured in the
+same run.
 
 Memory is the peak allocated beyond what was live before the call (process RSS high-water mark on CPU,
 `torch.cuda.max_memory_allocated` on CUDA), gradients of a and b included.
