@@ -13,7 +13,8 @@ _done = False
 
 def _infonce_fwd_fake(rows, cols, pos, self_idx):
     m = rows.shape[0]
-    return rows.new_empty((m,), dtype=torch.float32), rows.new_empty((m,), dtype=torch.float32)
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32  # fp64 in, fp64 out (gradcheck)
+    return rows.new_empty((m,), dtype=acc), rows.new_empty((m,), dtype=acc)
 
 
 def _infonce_bwd_fake(grad_loss, rows, cols, pos, self_idx, lse):
