@@ -5,10 +5,10 @@
 // formulas are registered from Python in `sslscale/ops/_registry.py`.
 //
 // Contracts (all accumulation in fp32; the CPU kernels also take fp64 for gradcheck):
-//   infonce_fwd(rows[m,d], cols[n,d], pos[m] int64, self_idx[m] int64) -> (loss[m] f32, lse[m] f32)
+//   infonce_fwd(rows[m,d], cols[n,d], pos[m] int64, self_idx[m] int64) -> (loss[m], lse[m])  f32 (f64 for f64 in)
 //       lse_i  = logsumexp_{j != self_idx[i]} rows_i . cols_j      (self_idx[i] = -1: nothing excluded)
 //       loss_i = lse_i - rows_i . cols_{pos[i]}
-//   infonce_bwd(grad_loss[m] f32, rows, cols, pos, self_idx, lse) -> (d_rows[m,d], d_cols[n,d])
+//   infonce_bwd(grad_loss[m] (lse's dtype), rows, cols, pos, self_idx, lse) -> (d_rows[m,d], d_cols[n,d])
 //       with p_ij = exp(rows_i . cols_j - lse_i) (0 at j = self_idx[i]) and t_ij = [j == pos[i]]:
 //       d_rows_i = sum_j g_i (p_ij - t_ij) cols_j,   d_cols_j = sum_i g_i (p_ij - t_ij) rows_i
 //   attention_fwd(q[B,H,T,D], k[B,Hkv,T,D], v[B,Hkv,T,D], scale) -> (out[B,H,T,D], lse[B,H,T] f32)

@@ -40,7 +40,7 @@ class _FusedRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         rows, cols, pos, self_idx, lse = ctx.saved_tensors
-        d_rows, d_cols = ctx.impl.infonce_bwd(grad_loss.float().contiguous(), rows, cols, pos, self_idx, lse)
+        d_rows, d_cols = ctx.impl.infonce_bwd(grad_loss.to(lse.dtype).contiguous(), rows, cols, pos, self_idx, lse)
         return d_rows, d_cols, None, None, None
 
 
@@ -102,13 +102,15 @@ def infonce(
     _check_inputs(a, b, mode, temperature)
     name = backends.resolve("infonce", backend, a.device)
     work = a.dtype if a.dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
+    # Normalise and scale by 1/tau in fp32 (fp64 for fp64), casting to the work dtype last, so bf16 rows are
+    # rounded once (columns: the normalised features; rows: normalised features / tau).
+    wide = torch.promote_types(work, torch.float32)
+    a_wide, b_wide = a.to(wide), b.to(wide)
     if normalize:
-        a = F.normalize(a.to(torch.promote_types(a.dtype, torch.float32)), dim=1)
-        b = F.normalize(b.to(torch.promote_types(b.dtype, torch.float32)), dim=1)
-    a, b = a.to(work), b.to(work)
+        a_wide, b_wide = F.normalize(a_wide, dim=1), F.normalize(b_wide, dim=1)
+    a, b = a_wide.to(work), b_wide.to(work)
     tau = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(float(temperature))
-    tau = tau.to(device=a.device).reshape(())
-    inv_tau = (1.0 / tau).to(work)
+    inv_tau = 1.0 / tau.to(device=a.device, dtype=wide).reshape(())
 
     group = active_group(group)
     local = a.shape[0]
@@ -127,7 +129,7 @@ def infonce(
 
     idx = torch.arange(local, device=a.device, dtype=torch.int64)
     if mode == "simclr":
-        rows = torch.cat([a, b]) * inv_tau
+        rows = (torch.cat([a_wide, b_wide]) * inv_tau).to(work)
         cols = torch.cat([a_all, b_all])
         own = idx + offset
         pos = torch.cat([own + total, own])
@@ -136,6 +138,6 @@ def infonce(
         return losses.sum() * (world / (2 * total))
     none = torch.full_like(idx, -1)
     own = idx + offset
-    img = _row_losses(a * inv_tau, b_all, own, none, name)
-    txt = _row_losses(b * inv_tau, a_all, own, none, name)
+    img = _row_losses((a_wide * inv_tau).to(work), b_all, own, none, name)
+    txt = _row_losses((b_wide * inv_tau).to(work), a_all, own, none, name)
     return (img.sum() + txt.sum()) * (world / (2 * total))
