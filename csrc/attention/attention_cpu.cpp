@@ -13,6 +13,14 @@
 // `at::parallel_for` splits its range statically, which stalls on a shared machine when one core is busy).
 // bf16 tiles are converted to fp32 when loaded; all accumulation is fp32 (fp64 for fp64 inputs).
 
+// at::vec picks its SIMD implementation from CPU_CAPABILITY_* (defined by ATen's own per-ISA builds only); without
+// it Vectorized<float> is a scalar loop calling std::exp. Select the AVX2 one when the compiler targets AVX2+FMA
+// (-march=native), in its own namespace at::vec::AVX2 so it cannot clash with other files' default build.
+#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
