@@ -253,3 +253,27 @@ def test_single_row_attends_to_itself_only(backend):
     expected = (q[:, :, 0] * k[:, :, 0]).sum(-1) * 0.125
     _assert_close(lse[:, :, 0], expected, 1e-5, "first lse")
     assert math.isfinite(lse.abs().max().item())
+
+
+def test_bench_counts_and_scales_the_reference(tmp_path, monkeypatch):
+    """`sslscale bench attention` on a tiny case: FLOP count, SDPA as the unit, a reference over budget scaled up."""
+    import argparse
+    import json
+
+    from sslscale.bench import attention as bench
+
+    monkeypatch.setattr(bench.common, "matmul_gflops", lambda *a, **k: 100.0)  # the yardstick is not under test
+    assert bench.causal_flops(1, 1, 8, 32) == (2 * 8 * 8 * 32, 7 * 8 * 8 * 32)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "attention.json"
+    args = parser.parse_args(["--seq", "64", "--batch", "2", "--heads", "2", "--repeat", "1",
+                              "--reference-budget-gib", "1e-9"])
+    args.out = str(out)
+    assert bench.run(args) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["sdpa"]["fb_vs_sdpa"] == 1.0
+    assert rows["sdpa"]["fb_rate_of_matmul"] == pytest.approx(rows["sdpa"]["fb_rate"] / 100.0)
+    assert rows["reference"]["ref_batch"] == 1 and rows["sdpa"]["ref_batch"] is None
+    if availability("attention", "cpp", torch.device("cpu")).usable:
+        assert rows["cpp"]["fb_ms"] > 0 and rows["cpp"]["fb_rate"] > 0
