@@ -32,8 +32,8 @@ CASES = [
     (1, 2, 2, 513, 128),
     (1, 4, 2, 300, 32),
 ]
-# The Triton interpreter pays per tile step: the same coverage on fewer heads.
-INTERPRETER_CASES = [(1, 2, 2, 1, 64), (1, 4, 2, 7, 32), (1, 2, 1, 129, 128), (1, 2, 1, 513, 64)]
+# The Triton interpreter pays per tile step: the same kinds of shape, shorter and on fewer heads.
+INTERPRETER_CASES = [(1, 2, 2, 1, 64), (1, 4, 2, 7, 32), (1, 2, 1, 129, 128), (1, 1, 1, 200, 64)]
 
 # Bound on max |actual - expected| relative to max(1, max |expected|), per input dtype.
 TOLERANCE = {torch.float32: 5e-5, torch.bfloat16: 3e-2}
