@@ -8,6 +8,7 @@ tiles entirely above the diagonal skipped. Extra memory is O(T * head_dim), neve
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from sslscale.ops import backends, reference
 
@@ -24,6 +25,7 @@ class _FusedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.impl.attention_bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)

@@ -38,11 +38,12 @@ def _has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(_CPP_OP[op], key)
 
 
-def _triton_module(op: str) -> ModuleType | None:
+def _triton_module(op: str) -> ModuleType | str:
+    """The Triton kernel module, or why it failed to import."""
     try:
         return importlib.import_module(f"sslscale.kernels.{op}")
-    except ImportError:
-        return None
+    except ImportError as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
 def availability(op: str, backend: str, device: torch.device) -> Availability:
@@ -74,8 +75,9 @@ def availability(op: str, backend: str, device: torch.device) -> Availability:
             return Availability(False, "triton runs on CPU tensors only with TRITON_INTERPRET=1")
         if device.type not in ("cpu", "cuda"):
             return Availability(False, f"triton does not run on {device}")
-        if _triton_module(op) is None:
-            return Availability(False, f"sslscale.kernels.{op} failed to import")
+        module = _triton_module(op)
+        if isinstance(module, str):
+            return Availability(False, f"sslscale.kernels.{op} failed to import ({module})")
         return Availability(True, "Triton kernel" + (" (interpreter)" if device.type == "cpu" else ""))
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.distributed as dist
 import torch.nn.functional as F
 
@@ -38,6 +39,7 @@ class _FusedRows(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         rows, cols, pos, self_idx, lse = ctx.saved_tensors
         d_rows, d_cols = ctx.impl.infonce_bwd(grad_loss.to(lse.dtype).contiguous(), rows, cols, pos, self_idx, lse)
