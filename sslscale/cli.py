@@ -11,6 +11,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("sslscale.info", "versions, kernel backends, CUDA/Triton status"),
     "bench": ("sslscale.bench.cli", "kernel, data and training benchmarks (table + JSON)"),
+    "pretrain": ("sslscale.train.pretrain", "self-supervised pretraining on DeepSpeed ZeRO (YAML config)"),
+    "export": ("sslscale.train.export", "encoder weights of a run as safetensors (+ JSON sidecar)"),
 }
 
 
