@@ -134,3 +134,55 @@ def config(run_dir, **overrides) -> dict:
             node = node.setdefault(p, {})
         node[last] = value
     return cfg
+
+
+# ---- launching real `sslscale pretrain` processes (one per rank, torchrun-style variables) ----
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def write_config(path, cfg: dict):
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch(config_path, world: int, *extra_args: str, env: dict | None = None, port: int | None = None):
+    """Start `python -m sslscale.cli pretrain` on `world` local ranks; returns the Popen objects (rank order)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.dist_utils import free_port
+
+    port = port or free_port()
+    procs = []
+    for rank in range(world):
+        e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+             "PYTHONWARNINGS": "ignore", "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(env or {})}
+        procs.append(subprocess.Popen([sys.executable, "-m", "sslscale.cli", "pretrain", str(config_path),
+                                       *extra_args], cwd=REPO, env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait_all(procs, timeout: float = 240) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        try:
+            text, _ = p.communicate(timeout=timeout)
+        except Exception:
+            p.kill()
+            text, _ = p.communicate()
+        out.append((p.returncode, text))
+    return out
+
+
+def metrics(run_dir) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -163,11 +163,12 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
         _write_status(run_dir, "running", step)
     batches = _batches(stream)
     flags = torch.zeros(2 + world, dtype=torch.float64, device=device)
-    window_loss, window_time, window_samples, window_tokens = 0.0, 0.0, 0, 0
+    window_time, window_steps, window_samples, window_tokens = 0.0, 0, 0, 0
     last_loss, last_good, preempted, saved_at = float("nan"), None, False, -1
     try:
         while step < total and not preempted:
             t0 = time.perf_counter()
+            lr = engine.get_lr()[0]  # the rate this step uses
             losses = []
             for micro in range(gas):
                 batch = _to_device(next(batches), device, dtype)
@@ -207,20 +208,20 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
             step += 1
             samples += cfg.data.batch_size * gas * world
             window_time += time.perf_counter() - t0
+            window_steps += 1
             if losses:
                 last_loss = sum(losses) / len(losses)
-                window_loss = last_loss if not window_loss else window_loss
             watchdog.beat(step)
             monitor.advance()
             record = None
             if step % cfg.logging.every == 0 or step == total:
-                record = {"step": step, "loss": last_loss, "lr": engine.get_lr()[0],
+                record = {"step": step, "loss": last_loss, "lr": lr,
                           "samples_per_s": window_samples / window_time if window_time else None,
-                          "step_time_s": window_time / cfg.logging.every, "samples": samples,
+                          "step_time_s": window_time / window_steps, "samples": samples,
                           "nonfinite_skipped": skipped, "memory_bytes": memory_bytes(device)}
                 if window_tokens:
                     record["tokens_per_s"] = window_tokens / window_time
-                window_loss, window_time, window_samples, window_tokens = 0.0, 0.0, 0, 0
+                window_time, window_steps, window_samples, window_tokens = 0.0, 0, 0, 0
             if probe is not None and (step % cfg.probe.every == 0 or step == total):
                 record = record or {"step": step}
                 record["probe_acc"] = _probe(engine, probe, cfg, device, dtype)
