@@ -139,6 +139,7 @@ def config(run_dir, **overrides) -> dict:
 # ---- launching real `sslscale pretrain` processes (one per rank, torchrun-style variables) ----
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+from tests.dist_utils import free_port  # noqa: E402  (re-exported for the tests)
 
 
 def write_config(path, cfg: dict):
@@ -153,8 +154,6 @@ def launch(config_path, world: int, *extra_args: str, env: dict | None = None, p
     import os
     import subprocess
     import sys
-
-    from tests.dist_utils import free_port
 
     port = port or free_port()
     procs = []

@@ -295,3 +295,35 @@ def dump(cfg: PretrainConfig, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sslscale.train.config CONFIG [--set k=v ...] [--get a.b]`: validate, print the resolved config
+    (YAML) or one value of it — what launch scripts use to find e.g. the run directory."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sslscale.train.config", description=main.__doc__)
+    parser.add_argument("config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--get", default=None, help="dotted key to print, e.g. run_dir")
+    args, _ = parser.parse_known_args(argv)
+    try:
+        cfg = load(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"config: {err}", file=__import__("sys").stderr)
+        return 2
+    if args.get is None:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    value: Any = to_dict(cfg)
+    for part in args.get.split("."):
+        if not isinstance(value, dict) or part not in value:
+            print(f"config: no key {args.get!r}", file=__import__("sys").stderr)
+            return 2
+        value = value[part]
+    print(value)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
