@@ -40,7 +40,10 @@ def _two_rank_scenarios(rank, world, tmp):
                                               "data.extra": {"poison_at": [2, 1]}}))
     accum = _train(td.config(f"{tmp}/accum", **{"schedule.total_steps": 3, "grad_accum": 2, "zero.stage": 3,
                                                 "data.extra": {"poison_at": [3, 0]}}))
-    return {"parity": parity, "skip": skip, "stop": stop, "accum": accum}
+    skip3 = _train(td.config(f"{tmp}/skip3", **{"schedule.total_steps": 3, "zero.stage": 3,
+                                                "data.extra": {"poison_at": [1, 0]}}))
+    bf16 = _train(td.config(f"{tmp}/bf16", **{"schedule.total_steps": 3, "precision": "bf16"}))
+    return {"parity": parity, "skip": skip, "stop": stop, "accum": accum, "skip3": skip3, "bf16": bf16}
 
 
 def _one_rank_scenarios(rank, world, tmp):
@@ -112,6 +115,28 @@ def test_nonfinite_loss_on_one_rank_is_skipped_on_all_with_nothing_changed(runs)
     m2 = torch.load(ckpts / "step00000002" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     m3 = torch.load(ckpts / "step00000003" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert all(torch.equal(m2[k], m3[k]) for k in m2)
+
+
+@pytest.mark.dist
+def test_nonfinite_skip_under_zero3_keeps_training(runs):
+    tmp, two, _ = runs
+    assert [r["skip3"]["nonfinite_skipped"] for r in two] == [1, 1]
+    lines = td.metrics(tmp / "skip3")
+    assert [r["nonfinite_skipped"] for r in lines] == [0, 1, 1]
+    assert lines[1]["loss"] == lines[0]["loss"]  # the logged loss is the last finite one
+    assert lines[2]["lr"] == lines[1]["lr"]  # the skipped step did not advance the schedule
+
+
+@pytest.mark.dist
+def test_bf16_trains_and_exports_fp32_master_weights(runs, tmp_path):
+    tmp, two, _ = runs
+    from sslscale.train.export import export
+
+    lines = td.metrics(tmp / "bf16")
+    assert len(lines) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in lines)
+    export(tmp / "bf16", tmp_path / "w.safetensors")
+    weights = load_file(str(tmp_path / "w.safetensors"))
+    assert all(v.dtype == torch.float32 for v in weights.values())
 
 
 @pytest.mark.dist
@@ -212,3 +237,29 @@ def test_knn_probe_separates_classes_and_mfu_formula():
     per_token = transformer_flops_per_token(n_params=124_000_000, n_layer=12, n_head=12, head_dim=64, seq_len=1024)
     assert per_token == pytest.approx(6 * 124e6 + 12 * 12 * 12 * 64 * 1024)
     assert mfu(per_token, tokens_per_s=1e5, peak_flops=per_token * 2e5) == pytest.approx(0.5)
+
+
+def test_activation_checkpointing_flag_reaches_the_encoder_or_fails_clearly():
+    from sslscale.train.engine import set_activation_checkpointing
+
+    class Supports(torch.nn.Module):
+        activation_checkpointing = False
+
+    enc = Supports()
+    set_activation_checkpointing(enc, True)
+    assert enc.activation_checkpointing is True
+    set_activation_checkpointing(td.TinyEncoder(), False)  # off: nothing asked of the encoder
+    with pytest.raises(ValueError, match="encoder TinyEncoder does not support activation checkpointing"):
+        set_activation_checkpointing(td.TinyEncoder(), True)
+
+
+def test_pretrain_cli_reports_config_errors_without_starting(tmp_path, capsys):
+    from sslscale.cli import main
+
+    path = td.write_config(tmp_path / "c.yaml", td.config(tmp_path / "run", **{"optimizer.lrr": 1.0}))
+    assert main(["pretrain", str(path)]) == 2
+    assert "unknown key 'optimizer.lrr'; did you mean 'lr'?" in capsys.readouterr().err
+    path = td.write_config(tmp_path / "c.yaml", td.config(tmp_path / "run"))
+    assert main(["pretrain", str(path), "--set", "zero.stage=7"]) == 2
+    assert "zero.stage: 7 is out of range; expected one of 0, 1, 2, 3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -119,6 +119,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
     from sslscale.distributed.env import init_process_group
     from sslscale.train.engine import initialize, prepare_runtime, set_activation_checkpointing
 
+    stop = StopRequest()  # first, so that a preemption during start-up is graceful too
     device_type = prepare_runtime()
     info = init_process_group(device_type)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -156,7 +157,6 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
 
     total, gas = cfg.schedule.total_steps, cfg.grad_accum
     kill_after = int(os.environ.get(_KILL_AFTER, "-1"))
-    stop = StopRequest()
     watchdog = Watchdog(cfg.watchdog_s, rank)
     monitor = Monitor(run_dir, rank, total, cfg.logging.tensorboard, cfg.logging.progress, start_step=step)
     if rank == 0:
