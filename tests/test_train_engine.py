@@ -263,3 +263,21 @@ def test_pretrain_cli_reports_config_errors_without_starting(tmp_path, capsys):
     assert main(["pretrain", str(path), "--set", "zero.stage=7"]) == 2
     assert "zero.stage: 7 is out of range; expected one of 0, 1, 2, 3" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_throughput_window_reports_tokens_only_for_text_batches():
+    from sslscale.train.monitor import Throughput, batch_tokens
+
+    assert batch_tokens({"view1": torch.zeros(4, 1, 28, 28)}) is None
+    text = {"input_ids": torch.zeros(4, 16, dtype=torch.long), "attention_mask": torch.ones(4, 16)}
+    text["attention_mask"][:, 12:] = 0
+    assert batch_tokens(text) == 48
+    window = Throughput()
+    window.add(8, 48)
+    window.add(8, 48)
+    window.tick(0.5)
+    window.tick(1.5)
+    assert window.rates() == {"samples_per_s": 8.0, "step_time_s": 1.0, "tokens_per_s": 48.0}
+    window.add(4, None)
+    window.tick(2.0)
+    assert window.rates() == {"samples_per_s": 2.0, "step_time_s": 2.0}

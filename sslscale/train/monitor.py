@@ -46,6 +46,30 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float
     return flops_per_token * tokens_per_s / peak_flops
 
 
+class Throughput:
+    """Samples, tokens and step time accumulated since the last logged step."""
+
+    def __init__(self) -> None:
+        self.seconds, self.steps, self.samples, self.tokens = 0.0, 0, 0, 0
+
+    def add(self, samples: int, tokens: int | None) -> None:
+        self.samples += samples
+        self.tokens += tokens or 0
+
+    def tick(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.steps += 1
+
+    def rates(self) -> dict:
+        """samples/s, tokens/s (text batches only), mean step time; then starts a new window."""
+        out = {"samples_per_s": self.samples / self.seconds if self.seconds else None,
+               "step_time_s": self.seconds / self.steps if self.steps else None}
+        if self.tokens:
+            out["tokens_per_s"] = self.tokens / self.seconds
+        self.__init__()
+        return out
+
+
 class Monitor:
     """Rank 0 writes; other ranks keep quiet."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -28,7 +29,7 @@ from sslscale.train import checkpoint
 from sslscale.train import config as config_mod
 from sslscale.train.build import load_callable
 from sslscale.train.config import PretrainConfig
-from sslscale.train.monitor import Monitor, batch_tokens, features, knn_accuracy, memory_bytes
+from sslscale.train.monitor import Monitor, Throughput, batch_tokens, features, knn_accuracy, memory_bytes
 from sslscale.train.signals import StopRequest, Watchdog
 
 # Test hook (used by the reliability tests only): every rank SIGKILLs itself right after the checkpoint of this
@@ -162,8 +163,8 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
     if rank == 0:
         _write_status(run_dir, "running", step)
     batches = _batches(stream)
-    flags = torch.zeros(2 + world, dtype=torch.float64, device=device)
-    window_time, window_steps, window_samples, window_tokens = 0.0, 0, 0, 0
+    agree = Agreement(world, device)
+    window = Throughput()
     last_loss, last_good, preempted, saved_at = float("nan"), None, False, -1
     try:
         while step < total and not preempted:
@@ -173,14 +174,8 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
             for micro in range(gas):
                 batch = _to_device(next(batches), device, dtype)
                 loss, _metrics = engine(batch)
-                value = float(loss.detach())
-                flags.zero_()
-                flags[0] = value if torch.isfinite(loss.detach()) else 0.0
-                flags[1] = float(stop.requested)
-                flags[2 + rank] = float(not torch.isfinite(loss.detach()))
-                dist.all_reduce(flags)
-                preempted = preempted or flags[1].item() > 0
-                bad = [r for r in range(world) if flags[2 + r].item() > 0]
+                loss_mean, stop_any, bad = agree(float(loss.detach()), stop.requested, rank)
+                preempted = preempted or stop_any
                 if bad:
                     if cfg.nonfinite == "stop":
                         raise TrainingStopped(f"non-finite loss at step {step + 1} (micro-batch {micro}) on "
@@ -194,34 +189,26 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
                     loss, _ = engine(last_good)
                     loss = loss * 0.0
                 else:
-                    losses.append(flags[0].item() / world)
+                    losses.append(loss_mean)
                     if gas > 1:
                         last_good = batch
                 engine.backward(loss)
                 engine.step()
-                window_samples += cfg.data.batch_size * world
                 tokens = batch_tokens(batch)
-                if tokens is not None:
-                    window_tokens += tokens * world
+                window.add(cfg.data.batch_size * world, None if tokens is None else tokens * world)
             if losses and hasattr(engine.module, "on_after_step"):
                 engine.module.on_after_step(step, total)
             step += 1
             samples += cfg.data.batch_size * gas * world
-            window_time += time.perf_counter() - t0
-            window_steps += 1
+            window.tick(time.perf_counter() - t0)
             if losses:
                 last_loss = sum(losses) / len(losses)
             watchdog.beat(step)
             monitor.advance()
             record = None
             if step % cfg.logging.every == 0 or step == total:
-                record = {"step": step, "loss": last_loss, "lr": lr,
-                          "samples_per_s": window_samples / window_time if window_time else None,
-                          "step_time_s": window_time / window_steps, "samples": samples,
+                record = {"step": step, "loss": last_loss, "lr": lr, **window.rates(), "samples": samples,
                           "nonfinite_skipped": skipped, "memory_bytes": memory_bytes(device)}
-                if window_tokens:
-                    record["tokens_per_s"] = window_tokens / window_time
-                window_time, window_steps, window_samples, window_tokens = 0.0, 0, 0, 0
             if probe is not None and (step % cfg.probe.every == 0 or step == total):
                 record = record or {"step": step}
                 record["probe_acc"] = _probe(engine, probe, cfg, device, dtype)
@@ -248,6 +235,25 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
     return {"rank": rank, "step": step, "loss": last_loss, "samples": samples, "nonfinite_skipped": skipped,
             "state": state, "checkpoint": str(checkpoint.root(run_dir) / checkpoint.tag_for(saved_at))
             if saved_at >= 0 else None, "launcher": info.source}
+
+
+class Agreement:
+    """One all-reduce per micro-batch that gives every rank the same view: the mean finite loss over ranks, whether
+    any rank was asked to stop, and which ranks saw a non-finite loss."""
+
+    def __init__(self, world: int, device: torch.device) -> None:
+        self.world = world
+        self.flags = torch.zeros(2 + world, dtype=torch.float64, device=device)
+
+    def __call__(self, loss: float, stop_requested: bool, rank: int) -> tuple[float, bool, list[int]]:
+        finite = math.isfinite(loss)
+        self.flags.zero_()
+        self.flags[0] = loss if finite else 0.0
+        self.flags[1] = float(stop_requested)
+        self.flags[2 + rank] = float(not finite)
+        dist.all_reduce(self.flags)
+        values = self.flags.tolist()
+        return values[0] / self.world, values[1] > 0, [r for r in range(self.world) if values[2 + r] > 0]
 
 
 def _probe(engine, probe, cfg: PretrainConfig, device: torch.device, dtype: torch.dtype) -> float:
