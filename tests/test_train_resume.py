@@ -26,6 +26,7 @@ def _ok(results):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_sigkilled_run_resumes_bit_exactly(tmp_path, stage):
     straight = td.launch(_config(tmp_path, "straight", stage), 2)
