@@ -251,7 +251,8 @@ class Agreement:
         self.flags[0] = loss if finite else 0.0
         self.flags[1] = float(stop_requested)
         self.flags[2 + rank] = float(not finite)
-        dist.all_reduce(self.flags)
+        if self.world > 1:  # one process: nothing to agree on
+            dist.all_reduce(self.flags)
         values = self.flags.tolist()
         return values[0] / self.world, values[1] > 0, [r for r in range(self.world) if values[2 + r] > 0]
 
