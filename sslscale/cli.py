@@ -31,6 +31,8 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | Non
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # `deepspeed -m sslscale.cli ...` inserts --local_rank=N before the subcommand; LOCAL_RANK is in the env too
+    argv = [a for a in argv if not a.startswith("--local_rank=")]
     parser, module = build_parser(argv)
     args = parser.parse_args(argv)
     if module is None:

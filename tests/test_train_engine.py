@@ -281,3 +281,23 @@ def test_throughput_window_reports_tokens_only_for_text_batches():
     window.add(4, None)
     window.tick(2.0)
     assert window.rates() == {"samples_per_s": 2.0, "step_time_s": 2.0}
+
+
+def test_cli_drops_the_deepspeed_launchers_local_rank_flag(tmp_path, capsys):
+    from sslscale.cli import main
+
+    path = td.write_config(tmp_path / "c.yaml", td.config(tmp_path / "run", **{"zero.stage": 9}))
+    assert main(["--local_rank=1", "pretrain", str(path)]) == 2  # reached the config check: the flag was dropped
+    assert "zero.stage: 9 is out of range" in capsys.readouterr().err
+
+
+def test_export_without_a_complete_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from sslscale.cli import main
+    from sslscale.train import config
+
+    (tmp_path / "run" / "checkpoints" / "step00000004").mkdir(parents=True)  # interrupted save only
+    config.dump(config.load(None), tmp_path / "run" / "config.yaml")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert "has no complete checkpoint to export" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert "has no config.yaml" in capsys.readouterr().err

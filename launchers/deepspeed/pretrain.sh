@@ -32,5 +32,5 @@ fi
 CORES=$(nproc)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / SLOTS > 0 ? CORES / SLOTS : 1 ))}
 
-# --no_local_rank: LOCAL_RANK comes in the environment (a --local_rank flag would land before "pretrain").
+# --no_local_rank: LOCAL_RANK comes in the environment; no --local_rank flag needed.
 exec deepspeed "${LAUNCH[@]}" --no_local_rank --module sslscale.cli pretrain "$CONFIG" "$@" --resume auto

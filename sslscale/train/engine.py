@@ -8,6 +8,11 @@ Contrastive batches under accumulation: every micro-batch is its own forward wit
 *global* micro-batch (its rows against the micro-batch of every rank, gathered); the step's loss is the mean over
 micro-batches (DeepSpeed scales each backward by 1 / grad_accum). The contrastive batch is therefore
 `data.batch_size x world_size`, independent of `grad_accum`; accumulation only averages more such losses.
+
+Gradient averaging: DeepSpeed averages gradients over ranks. `sslscale.ops.infonce` returns on each rank its rows'
+share of the global loss scaled by world_size, and sends the gathered columns' gradients back to their owners
+summed over ranks, so the average DeepSpeed applies equals the gradient of one process on the global batch
+(tests/test_train_engine.py checks 1 rank x 2b against 2 ranks x b, losses and final weights).
 """
 
 from __future__ import annotations

@@ -48,7 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="'auto': newest complete checkpoint of run_dir (fresh start if none); or a "
                              "checkpoint directory")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
 def run(args: argparse.Namespace) -> int:
