@@ -33,14 +33,21 @@ def load_callable(spec: str, key: str) -> Callable:
 
 def build_objective(model: ModelConfig, objective: ObjectiveConfig) -> torch.nn.Module:
     """Encoder from `sslscale.models`, wrapped by the objective from `sslscale.objectives`."""
-    from sslscale.models import build_encoder
+    from sslscale.models import build_encoder, build_head
     from sslscale.objectives import build_objective as make
 
     encoder = build_encoder(model.encoder, **model.encoder_kwargs)
     kwargs = dict(objective.kwargs)
-    if model.head is not None:
-        kwargs.setdefault("head", {"name": model.head, **model.head_kwargs})
-    return make(objective.name, encoder, **kwargs)
+    if model.head is None:  # the objective builds its own head (e.g. SimCLR's projector from objective.kwargs)
+        return make(objective.name, encoder, **kwargs)
+    kwargs["head"] = build_head(model.head, encoder.out_dim, **model.head_kwargs)
+    try:
+        return make(objective.name, encoder, **kwargs)
+    except TypeError as err:
+        if "head" not in str(err):
+            raise
+        raise ValueError(f"objective {objective.name!r} does not take a head (model.head={model.head!r}); set "
+                         "model.head: null and configure its projection through objective.kwargs") from err
 
 
 def build_stream(data: DataConfig, seed: int, rank: int, world_size: int) -> Any:

@@ -20,9 +20,9 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    encoder: str = "resnet_small"            # name in sslscale.models' registry
+    encoder: str = "convnet_small"           # name in sslscale.models' registry
     encoder_kwargs: dict = field(default_factory=dict)
-    head: str | None = None                  # projection head name (None: the objective's default)
+    head: str | None = None                  # head name for objectives taking `head=` (None: the objective's own)
     head_kwargs: dict = field(default_factory=dict)
     activation_checkpointing: bool = False   # recompute activations in backward (models that support it)
     builder: str = "sslscale.train.build:build_objective"  # "module:function" -> the Objective (the seam)
@@ -84,7 +84,7 @@ class LoggingConfig:
 class ProbeConfig:
     every: int = 0                           # kNN probe every N steps (0: off)
     shards: str = ""                         # labelled shards for the probe ("" : data.shards)
-    pipeline: str = "eval"                   # a pipeline yielding `input_key` and "label"
+    pipeline: str = "labeled"                # a pipeline yielding `input_key` and "label"
     input_key: str = "image"
     train_samples: int = 2000                # memory bank (first samples of the slice)
     test_samples: int = 1000                 # queries (the next samples)
