@@ -69,6 +69,8 @@ def test_loss_curve_parity_one_rank_2b_vs_two_ranks_b(runs):
     torch.testing.assert_close(torch.tensor([r["loss"] for r in b]), torch.tensor([r["loss"] for r in a]),
                                rtol=2e-6, atol=2e-6)
     assert a[-1]["loss"] < a[0]["loss"] - 0.1  # it trains
+    assert all(r["objective/z_norm"] > 0 for r in a)  # the objective's own metrics are logged
+    assert all(r["samples_per_s"] > 0 and r["step_time_s"] > 0 and r["memory_bytes"] > 0 for r in a)
     from sslscale.train.export import export
 
     export(tmp / "parity1", tmp / "p1.safetensors")

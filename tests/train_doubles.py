@@ -42,10 +42,11 @@ class TinyObjective(nn.Module):
     def forward(self, batch: dict):
         v1 = batch["view1"] + self.noise * torch.randn_like(batch["view1"])
         v2 = batch["view2"] + self.noise * torch.randn_like(batch["view2"])
-        loss = infonce(self.encoder(v1), self.encoder(v2), temperature=self.temperature)
+        z1 = self.encoder(v1)
+        loss = infonce(z1, self.encoder(v2), temperature=self.temperature)
         if "poison" in batch and bool(batch["poison"].any()):
             loss = loss * float("nan")
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach(), "z_norm": z1.detach().norm(dim=1).mean()}
 
     def on_after_step(self, step: int, total_steps: int) -> None:
         self.after_step_calls += 1

@@ -172,7 +172,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
             losses = []
             for micro in range(gas):
                 batch = _to_device(next(batches), device, dtype)
-                loss, _metrics = engine(batch)
+                loss, metrics = engine(batch)
                 loss_mean, stop_any, bad = agree(float(loss.detach()), stop.requested, rank)
                 preempted = preempted or stop_any
                 if bad:
@@ -207,7 +207,8 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
             record = None
             if step % cfg.logging.every == 0 or step == total:
                 record = {"step": step, "loss": last_loss, "lr": lr, **window.rates(), "samples": samples,
-                          "nonfinite_skipped": skipped, "memory_bytes": memory_bytes(device)}
+                          "nonfinite_skipped": skipped, "memory_bytes": memory_bytes(device),
+                          **_objective_metrics(metrics)}
             if probe is not None and (step % cfg.probe.every == 0 or step == total):
                 record = record or {"step": step}
                 record["probe_acc"] = _probe(engine, probe, cfg, device, dtype)
@@ -234,6 +235,19 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
     return {"rank": rank, "step": step, "loss": last_loss, "samples": samples, "nonfinite_skipped": skipped,
             "state": state, "checkpoint": str(checkpoint.root(run_dir) / checkpoint.tag_for(saved_at))
             if saved_at >= 0 else None, "launcher": info.source}
+
+
+def _objective_metrics(metrics: dict) -> dict:
+    """The objective's own metrics (rank 0's last micro-batch), as plain numbers; `loss` is logged globally."""
+    out = {}
+    for key, value in (metrics or {}).items():
+        if key == "loss":
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = float(value)
+        if isinstance(value, (int, float)):
+            out[f"objective/{key}"] = value
+    return out
 
 
 class Agreement:
