@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as err:
-        print(f"config: {err}", file=__import__("sys").stderr)
+        print(f"config: {err}", file=sys.stderr)
         return 2
     if args.get is None:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     value: Any = to_dict(cfg)
     for part in args.get.split("."):
         if not isinstance(value, dict) or part not in value:
-            print(f"config: no key {args.get!r}", file=__import__("sys").stderr)
+            print(f"config: no key {args.get!r}", file=sys.stderr)
             return 2
         value = value[part]
     print(value)
