@@ -12,6 +12,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("sslscale.info", "versions, kernel backends, CUDA/Triton status"),
     "shards": ("sslscale.data.shards", "write a source split as webdataset tar shards + manifest.json"),
     "bench": ("sslscale.bench.cli", "kernel, data and training benchmarks (table + JSON)"),
+    "pretrain": ("sslscale.train.pretrain", "self-supervised pretraining on DeepSpeed ZeRO (YAML config)"),
+    "export": ("sslscale.train.export", "encoder weights of a run as safetensors (+ JSON sidecar)"),
 }
 
 
@@ -30,6 +32,8 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | Non
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # `deepspeed -m sslscale.cli ...` inserts --local_rank=N before the subcommand; LOCAL_RANK is in the env too
+    argv = [a for a in argv if not a.startswith("--local_rank=")]
     parser, module = build_parser(argv)
     args = parser.parse_args(argv)
     if module is None:

@@ -1,0 +1,146 @@
+"""Checkpoints that a kill cannot corrupt, and exact resume.
+
+Layout: RUN_DIR/checkpoints/stepNNNNNNNN/ holds DeepSpeed's files (written by every rank through
+`engine.save_checkpoint`) and, last, the marker COMPLETE. The marker is written by rank 0 only after a barrier
+that every rank reaches once its own files are on disk, through a temporary file and an atomic rename, so a
+directory without it is a save that was interrupted and is never resumed from.
+
+The client state carries the step, samples seen, counters, and each rank's own RNG states and data-stream
+position (gathered, so that rank r restores entry r on resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+_TAG = re.compile(r"^step(\d{8})$")
+
+
+def root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete(root_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    root_dir = Path(root_dir)
+    if not root_dir.is_dir():
+        return []
+    found = [p for p in root_dir.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(_TAG.match(p.name).group(1)))
+
+
+def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
+    """The checkpoint directory to resume from: None (fresh), "auto" (newest complete, or fresh), or a path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = complete(root(run_dir))
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {MARKER} marker in {path})")
+    return path
+
+
+def capture_rng() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _gather(obj: Any) -> list:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save(engine, run_dir: str | Path, step: int, shared: dict, per_rank: dict, keep_last: int) -> Path:
+    """Save on every rank (collective); returns the checkpoint directory once it is complete."""
+    ckpt_root = root(run_dir)
+    tag = tag_for(step)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    client = {**shared, "step": step, "ranks": _gather(per_rank)}
+    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client, save_latest=False)
+    _barrier()  # every rank's files are written
+    path = ckpt_root / tag
+    if rank == 0:
+        tmp = path / (MARKER + ".tmp")
+        tmp.write_text(json.dumps({"step": step, "world_size": len(client["ranks"]), "time": time.time()}))
+        os.replace(tmp, path / MARKER)
+        _fsync_dir(path)
+        prune(ckpt_root, keep_last, keep=path)
+    _barrier()
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune(ckpt_root: Path, keep_last: int, keep: Path) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep_last`, and interrupted saves older than the newest
+    complete one; `keep` (the one just written) is never touched."""
+    done = complete(ckpt_root)
+    removed = [p for p in done[:-keep_last] if p != keep]
+    newest = int(_TAG.match(done[-1].name).group(1)) if done else -1
+    for p in ckpt_root.iterdir():
+        m = _TAG.match(p.name)
+        if m and p.is_dir() and not (p / MARKER).exists() and int(m.group(1)) < newest and p != keep:
+            removed.append(p)
+    for p in removed:
+        # drop the marker first: a prune cut short leaves an incomplete dir, never a broken "complete" one
+        (p / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def load(engine, path: Path) -> tuple[dict, dict]:
+    """Restore the engine (model, optimizer, LR schedule) from `path`; returns (shared state, this rank's state)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+    saved_world = len(client["ranks"])
+    if saved_world != world:
+        raise RuntimeError(f"checkpoint {path} was written by {saved_world} ranks, this job has {world}; the "
+                           "per-rank data-stream positions cannot be re-split (start a fresh run from an export)")
+    per_rank = client.pop("ranks")[rank]
+    return client, per_rank

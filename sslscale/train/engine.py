@@ -1,0 +1,124 @@
+"""DeepSpeed set-up from the sslscale config: ZeRO stage 0-3, fp32 or bf16, gradient clipping, gradient
+accumulation, AdamW and a warmup + cosine learning rate — the same on CPU (gloo) and GPU (nccl).
+
+The optimizer is a client `torch.optim.AdamW` (no weight decay on 1-D parameters) rather than DeepSpeed's
+`FusedAdam`, so nothing is JIT-compiled on first use; on CPU the shared-memory comm op build is skipped too.
+
+Contrastive batches under accumulation: every micro-batch is its own forward with its own InfoNCE over the
+*global* micro-batch (its rows against the micro-batch of every rank, gathered); the step's loss is the mean over
+micro-batches (DeepSpeed scales each backward by 1 / grad_accum). The contrastive batch is therefore
+`data.batch_size x world_size`, independent of `grad_accum`; accumulation only averages more such losses.
+
+Gradient averaging: DeepSpeed averages gradients over ranks. `sslscale.ops.infonce` returns on each rank its rows'
+share of the global loss scaled by world_size, and sends the gathered columns' gradients back to their owners
+summed over ranks, so the average DeepSpeed applies equals the gradient of one process on the global batch
+(tests/test_train_engine.py checks 1 rank x 2b against 2 ranks x b, losses and final weights).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sslscale.train.config import PretrainConfig
+
+# Keys the sslscale config owns; a DeepSpeed JSON that sets them would silently disagree with it.
+_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+          "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
+
+
+def prepare_runtime() -> str:
+    """Pick the accelerator before DeepSpeed is imported; returns "cuda" or "cpu"."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_flush_denormal(True)  # denormals make CPU convolutions several times slower
+        # The shm all-reduce op is a ~30 s JIT build at init; gloo does the job.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    return device_type
+
+
+def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON for this run: `zero.config` (if any) as the base, the keys sslscale owns on top."""
+    base: dict[str, Any] = {}
+    if cfg.zero.config:
+        base = json.loads(Path(cfg.zero.config).read_text())
+        clash = [k for k in _OWNED if k in base]
+        if clash:
+            raise ValueError(f"zero.config={cfg.zero.config} sets {clash}; set them in the sslscale config "
+                             "(data.batch_size, grad_accum, grad_clip, optimizer, schedule, precision) instead")
+        file_stage = base.get("zero_optimization", {}).get("stage")
+        if file_stage is not None and file_stage != cfg.zero.stage:
+            raise ValueError(f"zero.config={cfg.zero.config} has stage {file_stage} but zero.stage is "
+                             f"{cfg.zero.stage}; make them agree")
+    zero = dict(base.get("zero_optimization", {}))
+    zero["stage"] = cfg.zero.stage
+    base.update({
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.data.batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    })
+    base.setdefault("checkpoint", {}).setdefault("tag_validation", "Fail")
+    return base
+
+
+def lr_lambda(cfg: PretrainConfig):
+    """Multiplier of the peak lr at optimizer step s: linear warmup, then cosine to min_lr_ratio."""
+    warmup, total, floor = cfg.schedule.warmup_steps, cfg.schedule.total_steps, cfg.schedule.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and kernels only; biases and norm scales (1-D) are not decayed."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def initialize(cfg: PretrainConfig, model: torch.nn.Module, world_size: int):
+    """`deepspeed.initialize` with the client AdamW and LR schedule; returns the engine."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
+                                  betas=cfg.optimizer.betas, eps=cfg.optimizer.eps)
+    schedule = lr_lambda(cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    return engine
+
+
+def set_activation_checkpointing(encoder: torch.nn.Module, enabled: bool) -> None:
+    """Turn activation checkpointing on in an encoder that supports it (an `activation_checkpointing` attribute
+    or a `set_activation_checkpointing(bool)` method); asking for it on one that does not is an error."""
+    if not enabled:
+        return
+    if hasattr(encoder, "set_activation_checkpointing"):
+        encoder.set_activation_checkpointing(True)
+    elif hasattr(encoder, "activation_checkpointing"):
+        encoder.activation_checkpointing = True
+    else:
+        raise ValueError(f"model.activation_checkpointing=true but encoder {type(encoder).__name__} does not "
+                         "support activation checkpointing")

@@ -1,0 +1,83 @@
+"""`sslscale export RUN_DIR --out FILE.safetensors`: the encoder of a run, consolidated from any ZeRO stage.
+
+Stage 1-3 checkpoints hold the fp32 master weights partitioned over ranks; DeepSpeed's
+`get_fp32_state_dict_from_zero_checkpoint` reassembles them. Stage 0 keeps the whole model in
+`mp_rank_00_model_states.pt['module']`. The objective's `encoder.` prefix is stripped, so the file holds PLAIN
+encoder keys and loads with `safetensors.torch.load_file` + the model class. Metadata key "sslscale" (and the
+sidecar FILE.json) hold {"encoder": encoder config, "objective": ..., "step": ..., "run_dir": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from sslscale.train import checkpoint
+from sslscale.train import config as config_mod
+
+PREFIX = "encoder."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory written by `sslscale pretrain`")
+    parser.add_argument("--out", required=True, help="output .safetensors file (a .json sidecar is written too)")
+    parser.add_argument("--checkpoint", default="auto",
+                        help="'auto' (newest complete checkpoint) or a checkpoint directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        meta = export(args.run_dir, args.out, args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"sslscale export: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"exported": str(args.out), "step": meta["step"], "tensors": meta["tensors"]}))
+    return 0
+
+
+def consolidated_state_dict(ckpt: Path, stage: int) -> dict[str, torch.Tensor]:
+    """The full fp32 (stage 1-3) or module-dtype (stage 0) state dict of the trained module."""
+    if stage == 0:
+        states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return dict(states["module"])
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+
+
+def encoder_state_dict(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys under `encoder.` with the prefix removed, as contiguous tensors that own their memory."""
+    out = {k[len(PREFIX):]: v.detach().contiguous().clone() for k, v in full.items() if k.startswith(PREFIX)}
+    if not out:
+        sample = ", ".join(list(full)[:5])
+        raise ValueError(f"no '{PREFIX}*' parameters in the checkpoint (keys start: {sample}); is the trained "
+                         "module an Objective with an `.encoder`?")
+    return out
+
+
+def export(run_dir: str | Path, out: str | Path, which: str = "auto") -> dict:
+    from safetensors.torch import save_file
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml; is it a run directory of `sslscale pretrain`?")
+    cfg = config_mod.load(cfg_path)
+    ckpt = checkpoint.resolve_resume(which, run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint to export")
+    weights = encoder_state_dict(consolidated_state_dict(ckpt, cfg.zero.stage))
+    model_meta = json.loads((run_dir / "model.json").read_text()) if (run_dir / "model.json").is_file() else {}
+    step = json.loads((ckpt / checkpoint.MARKER).read_text())["step"]
+    meta = {"encoder": model_meta.get("encoder"), "objective": model_meta.get("objective"), "step": step,
+            "run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name, "tensors": len(weights)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(weights, str(tmp), metadata={"sslscale": json.dumps(meta)})
+    tmp.replace(out)
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    return meta

@@ -1,0 +1,188 @@
+"""Small stand-ins for `sslscale.models`/`objectives`/`data` with the same interfaces, for the engine tests.
+
+- `TinyObjective`: an MLP encoder and the fused InfoNCE (`sslscale.ops.infonce`), with a random-noise
+  augmentation drawn from torch's global RNG inside forward, so an RNG state that is not restored on resume shows
+  up as a different loss.
+- `MemoryStream`: deterministic synthetic two-view images with the stream protocol (`state_dict` /
+  `load_state_dict`, epochs). The global batch of step t is the same whatever the world size: rank r of w takes
+  rows [r*b, (r+1)*b) of it, so 1 rank x 2b and 2 ranks x b see the same data.
+Builders follow the config seam signatures (`sslscale.train.build`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from sslscale.ops import infonce
+
+IMAGE = (1, 28, 28)
+CLASSES = 4
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self, hidden: int = 32, out_dim: int = 16) -> None:
+        super().__init__()
+        self.config = {"name": "tiny_mlp", "hidden": hidden, "out_dim": out_dim}
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TinyObjective(nn.Module):
+    batch_keys = ("view1", "view2")
+
+    def __init__(self, encoder: nn.Module, temperature: float = 0.2, noise: float = 0.05) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.temperature, self.noise = temperature, noise
+        self.after_step_calls = 0
+
+    def forward(self, batch: dict):
+        v1 = batch["view1"] + self.noise * torch.randn_like(batch["view1"])
+        v2 = batch["view2"] + self.noise * torch.randn_like(batch["view2"])
+        z1 = self.encoder(v1)
+        loss = infonce(z1, self.encoder(v2), temperature=self.temperature)
+        if "poison" in batch and bool(batch["poison"].any()):
+            loss = loss * float("nan")
+        return loss, {"loss": loss.detach(), "z_norm": z1.detach().norm(dim=1).mean()}
+
+    def on_after_step(self, step: int, total_steps: int) -> None:
+        self.after_step_calls += 1
+
+
+def build_objective(model_cfg, objective_cfg) -> nn.Module:
+    return TinyObjective(TinyEncoder(**model_cfg.encoder_kwargs), **objective_cfg.kwargs)
+
+
+def _images(indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample deterministic images: a class-dependent blob plus sample noise."""
+    labels = indices % CLASSES
+    out = torch.empty(len(indices), *IMAGE)
+    for i, idx in enumerate(indices.tolist()):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + idx)
+        base = torch.zeros(IMAGE)
+        c = int(labels[i])
+        base[:, 7 * c : 7 * c + 7, :] = 1.0
+        out[i] = base + 0.3 * torch.randn(IMAGE, generator=g)
+    return out, labels
+
+
+class MemoryStream:
+    def __init__(self, batch_size: int, rank: int, world_size: int, seed: int, size: int = 256,
+                 poison_at: list | None = None) -> None:
+        self.b, self.rank, self.world, self.seed, self.size = batch_size, rank, world_size, seed, size
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = size // self.global_batch
+        self.epoch, self.batch = 0, 0
+        self.poison_at = poison_at  # [global batch number, rank]
+        self.served = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch, self.served = state["epoch"], state["batch"], state["served"]
+
+    def __iter__(self):
+        while self.batch < self.batches_per_epoch:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            start = self.batch * self.global_batch + self.rank * self.b
+            idx = order[start : start + self.b]
+            x, y = _images(idx, self.seed)
+            out = {"view1": x, "view2": x.flip(-1), "label": y}
+            if self.poison_at is not None:
+                out["poison"] = torch.tensor([self.served == self.poison_at[0] and self.rank == self.poison_at[1]])
+            self.batch += 1
+            self.served += 1
+            yield out
+        self.epoch, self.batch = self.epoch + 1, 0
+
+
+def build_stream(data_cfg, seed: int, rank: int, world_size: int) -> MemoryStream:
+    return MemoryStream(data_cfg.batch_size, rank, world_size, seed, **data_cfg.extra)
+
+
+def build_probe_data(probe_cfg, data_cfg, seed: int):
+    n = probe_cfg.train_samples + probe_cfg.test_samples
+    x, y = _images(torch.arange(10_000, 10_000 + n), seed + 7)
+    k = probe_cfg.train_samples
+    return x[:k], y[:k], x[k:], y[k:]
+
+
+def config(run_dir, **overrides) -> dict:
+    """A tiny config dict for these doubles (dotted keys in `overrides`)."""
+    cfg = {
+        "model": {"builder": "tests.train_doubles:build_objective", "encoder": "tiny_mlp"},
+        "objective": {"name": "tiny_infonce"},
+        "data": {"builder": "tests.train_doubles:build_stream", "batch_size": 8},
+        "optimizer": {"lr": 1e-2, "weight_decay": 0.01},
+        "schedule": {"total_steps": 6, "warmup_steps": 2},
+        "zero": {"stage": 2},
+        "checkpoint": {"every": 3, "keep_last": 2},
+        "logging": {"every": 1, "progress": False},
+        "probe": {"builder": "tests.train_doubles:build_probe_data"},
+        "grad_clip": 1.0,
+        "watchdog_s": 0,
+        "run_dir": str(run_dir),
+        "seed": 3,
+    }
+    for key, value in overrides.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
+
+
+# ---- launching real `sslscale pretrain` processes (one per rank, torchrun-style variables) ----
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+from tests.dist_utils import free_port  # noqa: E402  (re-exported for the tests)
+
+
+def write_config(path, cfg: dict):
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch(config_path, world: int, *extra_args: str, env: dict | None = None, port: int | None = None):
+    """Start `python -m sslscale.cli pretrain` on `world` local ranks; returns the Popen objects (rank order)."""
+    import os
+    import subprocess
+    import sys
+
+    port = port or free_port()
+    procs = []
+    for rank in range(world):
+        e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+             "PYTHONWARNINGS": "ignore", "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(env or {})}
+        procs.append(subprocess.Popen([sys.executable, "-m", "sslscale.cli", "pretrain", str(config_path),
+                                       *extra_args], cwd=REPO, env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait_all(procs, timeout: float = 240) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        try:
+            text, _ = p.communicate(timeout=timeout)
+        except Exception:
+            p.kill()
+            text, _ = p.communicate()
+        out.append((p.returncode, text))
+    return out
+
+
+def metrics(run_dir) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
