@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("sslscale.info", "versions, kernel backends, CUDA/Triton status"),
     "bench": ("sslscale.bench.cli", "kernel, data and training benchmarks (table + JSON)"),
+    "evaluate": ("sslscale.adapt.evaluate", "linear-probe an exported encoder vs random init and raw pixels"),
 }
 
 
