@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _features(encoder: torch.nn.Module, reestimate: bool, train_x: torch.Tensor, test_x: torch.Tensor):
     if reestimate:
-        encoder = probe.reestimate_batchnorm(encoder, train_x[:20000])
+        encoder = probe.reestimate_batchnorm(encoder, train_x[:10000])
     return probe.extract_features(encoder, train_x), probe.extract_features(encoder, test_x)
 
 
