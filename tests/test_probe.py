@@ -117,7 +117,8 @@ def test_evaluate_command_table_and_json(tmp_path, capsys):
     path = str(tmp_path / "enc.safetensors")
     save_encoder(enc, path)
     out = str(tmp_path / "res.json")
-    rc = main(["evaluate", path, "--data-dir", str(d), "--labels-per-class", "5", "--seeds", "2", "--json", out])
+    rc = main(["evaluate", path, "--data-dir", str(d), "--labels-per-class", "5", "--seeds", "2", "--bn", "auto",
+               "--json", out])
     assert rc == 0
     text = capsys.readouterr().out
     for label in ("pretrained", "random init", "raw pixels", "5 labels/class"):

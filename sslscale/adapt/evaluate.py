@@ -4,10 +4,11 @@ Rows: the pretrained encoder, the same architecture at a seed-fixed random init,
 accuracy with k labels per class (mean ± std over seeds; the same label subsets for every row) and with all
 training labels. Every row's features are standardised with statistics of the whole (unlabeled) training split.
 
-BatchNorm (`--bn auto`): the pretrained encoder's BN statistics are re-estimated on clean training images, since
-pretraining collected them on augmented views; the random-init encoder keeps its fresh BN (identity statistics).
-Measured on Fashion-MNIST, each choice is the better one for its row (re-estimation raises the pretrained
-encoder and lowers the random one), so neither row is handicapped; `--bn keep|reestimate` applies one to both.
+BatchNorm statistics (`--bn`, default `keep`): pretraining collects them on augmented views, so re-estimating
+them on clean training images (`reestimate`; `auto` = for the pretrained row only) looked like it should help.
+Measured on Fashion-MNIST with the recipe's SimCLR encoder (1400 steps, same label subsets, 10 labels/class):
+pretrained 75.0 ± 1.5 kept vs 74.5 ± 1.8 re-estimated (88.2 vs 88.2 with all labels); random init 66.1 ± 1.1
+kept vs 59.6 ± 0.8 re-estimated (83.8 vs 81.1). It helps neither row, so both keep their statistics by default.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the IDX files (default: the source's location)")
     p.add_argument("--labels-per-class", type=int, default=10, help="k of the few-label probe (default 10)")
     p.add_argument("--seeds", type=int, default=3, help="label subsets drawn for the few-label probe (default 3)")
-    p.add_argument("--bn", default="auto", choices=("auto", "keep", "reestimate"),
-                   help="BatchNorm statistics for the probe (default auto: re-estimate for pretrained only)")
+    p.add_argument("--bn", default="keep", choices=("keep", "auto", "reestimate"),
+                   help="BatchNorm statistics: keep (default), auto (re-estimate for pretrained only), reestimate")
     p.add_argument("--init-seed", type=int, default=0, help="seed of the random-init baseline encoder")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
@@ -46,7 +47,7 @@ def _features(encoder: torch.nn.Module, reestimate: bool, train_x: torch.Tensor,
 
 
 def evaluate(encoder: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
-             test: tuple[torch.Tensor, torch.Tensor], labels_per_class: int = 10, seeds: int = 3, bn: str = "auto",
+             test: tuple[torch.Tensor, torch.Tensor], labels_per_class: int = 10, seeds: int = 3, bn: str = "keep",
              init_seed: int = 0) -> dict:
     """Probe results for the three rows on the given (images, labels) splits."""
     (train_x, train_y), (test_x, test_y) = train, test
