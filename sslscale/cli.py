@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("sslscale.bench.cli", "kernel, data and training benchmarks (table + JSON)"),
     "pretrain": ("sslscale.train.pretrain", "self-supervised pretraining on DeepSpeed ZeRO (YAML config)"),
     "export": ("sslscale.train.export", "encoder weights of a run as safetensors (+ JSON sidecar)"),
+    "evaluate": ("sslscale.adapt.evaluate", "linear-probe an exported encoder vs random init and raw pixels"),
 }
 
 

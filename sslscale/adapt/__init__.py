@@ -1,0 +1,1 @@
+"""Adaptation and evaluation of exported encoders (linear probe first)."""

@@ -1,0 +1,117 @@
+"""`sslscale evaluate ENCODER.safetensors`: linear-probe accuracy of an exported encoder against two baselines.
+
+Rows: the pretrained encoder, the same architecture at a seed-fixed random init, and raw pixels. Columns: test
+accuracy with k labels per class (mean ± std over seeds; the same label subsets for every row) and with all
+training labels. Every row's features are standardised with statistics of the whole (unlabeled) training split.
+
+BatchNorm statistics (`--bn`, default `keep`): pretraining collects them on augmented views, so re-estimating
+them on clean training images (`reestimate`; `auto` = for the pretrained row only) looked like it should help.
+Measured on Fashion-MNIST with the recipe's SimCLR encoder (1400 steps, same label subsets, 10 labels/class):
+pretrained 75.0 ± 1.5 kept vs 74.5 ± 1.8 re-estimated (88.2 vs 88.2 with all labels); random init 66.1 ± 1.1
+kept vs 59.6 ± 0.8 re-estimated (83.8 vs 81.1). It helps neither row, so both keep their statistics by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from sslscale.adapt import probe
+from sslscale.adapt.datasets import SOURCES, load_split
+from sslscale.models import encoder_from_config, load_encoder, read_metadata
+
+ROWS = ("pretrained", "random_init", "raw_pixels")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("encoder", help="exported encoder (.safetensors with sslscale metadata or a sidecar .json)")
+    p.add_argument("--source", default="fashion-mnist", choices=sorted(SOURCES), help="labeled dataset")
+    p.add_argument("--data-dir", default=None, help="folder with the IDX files (default: the source's location)")
+    p.add_argument("--labels-per-class", type=int, default=10, help="k of the few-label probe (default 10)")
+    p.add_argument("--seeds", type=int, default=3, help="label subsets drawn for the few-label probe (default 3)")
+    p.add_argument("--bn", default="keep", choices=("keep", "auto", "reestimate"),
+                   help="BatchNorm statistics: keep (default), auto (re-estimate for pretrained only), reestimate")
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the random-init baseline encoder")
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--json", default=None, help="write the results here as JSON")
+
+
+def _features(encoder: torch.nn.Module, reestimate: bool, train_x: torch.Tensor, test_x: torch.Tensor):
+    if reestimate:
+        encoder = probe.reestimate_batchnorm(encoder, train_x[:10000])
+    return probe.extract_features(encoder, train_x), probe.extract_features(encoder, test_x)
+
+
+def evaluate(encoder: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
+             test: tuple[torch.Tensor, torch.Tensor], labels_per_class: int = 10, seeds: int = 3, bn: str = "keep",
+             init_seed: int = 0) -> dict:
+    """Probe results for the three rows on the given (images, labels) splits."""
+    (train_x, train_y), (test_x, test_y) = train, test
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    torch.manual_seed(init_seed)
+    random_encoder = encoder_from_config(encoder.config).eval()
+    reestimate = {"pretrained": bn in ("auto", "reestimate"), "random_init": bn == "reestimate"}
+    subsets = [probe.sample_per_class(train_y, labels_per_class, seed) for seed in range(seeds)]
+
+    results: dict[str, dict] = {}
+    for row in ROWS:
+        start = time.perf_counter()
+        if row == "raw_pixels":
+            ftrain, ftest = train_x.flatten(1), test_x.flatten(1)
+        else:
+            enc = encoder if row == "pretrained" else random_encoder
+            ftrain, ftest = _features(enc, reestimate[row], train_x, test_x)
+        mean, scale = probe.standardizer(ftrain)
+        ftrain, ftest = (ftrain - mean) / scale, (ftest - mean) / scale
+        few = [probe.linear_probe(ftrain[idx], train_y[idx], ftest, test_y, num_classes, seed=seed)
+               for seed, idx in enumerate(subsets)]
+        full = probe.linear_probe(ftrain, train_y, ftest, test_y, num_classes)
+        m, sd = probe.mean_std([r["accuracy"] for r in few])
+        results[row] = {
+            "few_label": {"mean": m, "std": sd, "per_seed": [r["accuracy"] for r in few],
+                          "weight_decay": [r["weight_decay"] for r in few]},
+            "all_labels": full,
+            "bn_reestimated": reestimate.get(row, False),
+            "feature_dim": int(ftrain.shape[1]),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    return {"labels_per_class": labels_per_class, "seeds": list(range(seeds)), "num_train": len(train_y),
+            "num_test": len(test_y), "bn": bn, "init_seed": init_seed, "rows": results}
+
+
+def print_results(res: dict) -> None:
+    k = res["labels_per_class"]
+    few_col, all_col = f"{k} labels/class (n={len(res['seeds'])})", f"all labels ({res['num_train']})"
+    names = {"pretrained": "pretrained", "random_init": "random init", "raw_pixels": "raw pixels"}
+    width = max(len(n) for n in names.values())
+    print(f"{'linear probe, test acc %':<{width}}  {few_col:>22}  {all_col:>18}")
+    for row, r in res["rows"].items():
+        few = f"{100 * r['few_label']['mean']:.1f} ± {100 * r['few_label']['std']:.1f}"
+        print(f"{names[row]:<{width}}  {few:>22}  {100 * r['all_labels']['accuracy']:>18.1f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_flush_denormal(True)  # denormals in BN/ReLU features otherwise slow CPU convolutions a lot
+    start = time.perf_counter()
+    encoder = load_encoder(args.encoder)
+    meta = read_metadata(args.encoder)
+    train = load_split(args.source, "train", args.data_dir)
+    test = load_split(args.source, "test", args.data_dir)
+    if args.limit_train:
+        train = (train[0][: args.limit_train], train[1][: args.limit_train])
+    if args.limit_test:
+        test = (test[0][: args.limit_test], test[1][: args.limit_test])
+    res = evaluate(encoder, train, test, args.labels_per_class, args.seeds, args.bn, args.init_seed)
+    res.update({"encoder": args.encoder, "encoder_config": meta["encoder"], "source": args.source,
+                "seconds": round(time.perf_counter() - start, 2)})
+    print_results(res)
+    print(f"({res['seconds']:.0f} s; features standardised with training-split statistics; "
+          f"weight decay by cross-validation on the labeled examples, fixed above 5000 labels)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0

@@ -1,0 +1,102 @@
+"""Model registry: encoders and heads by name, and the exported-encoder file format.
+
+Exported encoder = one safetensors file holding the encoder's plain state_dict keys, with the safetensors
+metadata key "sslscale" holding JSON {"encoder": encoder.config, ...}. A sidecar FILE.json with the same JSON
+is also accepted (for files written by tools that drop metadata).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from typing import Any, Callable
+
+from torch import nn
+
+from sslscale.models.heads import MLPHead
+from sslscale.models.vision import ConvNetSmall, ResNetSmall
+
+ENCODERS: dict[str, Callable[..., nn.Module]] = {
+    "convnet_small": ConvNetSmall,
+    "resnet_small": ResNetSmall,
+}
+HEADS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLPHead,
+}
+METADATA_KEY = "sslscale"
+
+
+def _lookup(registry: dict[str, Callable[..., nn.Module]], kind: str, name: str) -> Callable[..., nn.Module]:
+    if name not in registry:
+        near = difflib.get_close_matches(name, registry, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(f"unknown {kind} {name!r}{hint}; expected one of {sorted(registry)}")
+    return registry[name]
+
+
+def build_encoder(name: str, **kwargs: Any) -> nn.Module:
+    """An encoder by registry name; it has `out_dim` and a JSON-able `config` ({"name": name, **kwargs})."""
+    return _lookup(ENCODERS, "encoder", name)(**kwargs)
+
+
+def build_head(name: str, in_dim: int, **kwargs: Any) -> nn.Module:
+    """A head by registry name (`mlp`), taking `in_dim` features; it has `out_dim`."""
+    return _lookup(HEADS, "head", name)(in_dim, **kwargs)
+
+
+def encoder_from_config(config: dict[str, Any]) -> nn.Module:
+    """Rebuild an encoder (fresh weights) from its `config` dict."""
+    if not isinstance(config, dict) or "name" not in config:
+        raise ValueError(f"encoder config must be a dict with a 'name' key, got {config!r}")
+    kwargs = {k: v for k, v in config.items() if k != "name"}
+    return build_encoder(config["name"], **kwargs)
+
+
+def save_encoder(encoder: nn.Module, path: str, extra: dict[str, Any] | None = None) -> None:
+    """Write `encoder` as PATH (safetensors, plain state_dict keys) with {"encoder": config, **extra} metadata."""
+    from safetensors.torch import save_file
+
+    meta = {"encoder": encoder.config, **(extra or {})}
+    state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
+    save_file(state, path, metadata={METADATA_KEY: json.dumps(meta)})
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    """The "sslscale" JSON of an exported encoder: from the safetensors metadata, else from PATH's sidecar .json."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"encoder file {path!r} does not exist")
+    with safe_open(path, framework="pt") as f:
+        raw = (f.metadata() or {}).get(METADATA_KEY)
+    if raw is None:
+        sidecar = os.path.splitext(path)[0] + ".json"
+        if not os.path.exists(sidecar):
+            raise ValueError(f"{path!r} has no {METADATA_KEY!r} metadata and no sidecar {sidecar!r}; "
+                             "cannot tell which encoder architecture it holds")
+        with open(sidecar) as f:
+            raw = f.read()
+    meta = json.loads(raw)
+    if "encoder" not in meta:
+        raise ValueError(f"metadata of {path!r} has no 'encoder' entry (keys: {sorted(meta)})")
+    return meta
+
+
+def load_encoder(path: str) -> nn.Module:
+    """Rebuild the encoder described by PATH's metadata and load its weights (strict), in eval mode."""
+    from safetensors.torch import load_file
+
+    encoder = encoder_from_config(read_metadata(path)["encoder"])
+    state = load_file(path)
+    if state and all(k.startswith("encoder.") for k in state):  # tolerate files written from the objective
+        state = {k[len("encoder."):]: v for k, v in state.items()}
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path!r} does not match its encoder config: missing keys {missing[:5]}, "
+                         f"unexpected keys {unexpected[:5]}")
+    return encoder.eval()
+
+
+__all__ = ["build_encoder", "build_head", "encoder_from_config", "load_encoder", "read_metadata", "save_encoder",
+           "ENCODERS", "HEADS", "ConvNetSmall", "ResNetSmall", "MLPHead"]
