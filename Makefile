@@ -40,9 +40,10 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
 
 setup: $(VENV)/.built
 
+# The main job: Fashion-MNIST shards, SimCLR on 2 CPU processes with ZeRO-2 (~4 min), export, probe table.
 demo: setup
 	$(VENV)/bin/sslscale info
-	$(VENV)/bin/sslscale bench infonce --quick
+	PYTHON=$(PY) launchers/local/demo.sh
 
 test: setup
 	$(PY) -m pytest -q -ra tests
@@ -53,10 +54,12 @@ test-fast: setup
 bench: setup
 	$(VENV)/bin/sslscale bench infonce
 	$(VENV)/bin/sslscale bench attention
+	$(VENV)/bin/sslscale bench data
+	$(VENV)/bin/sslscale bench train
 
 # On a CUDA machine with its own torch: build the CUDA kernels, run the GPU tests, print the GPU benchmarks.
 gpu-check:
 	bash launchers/gpu_check.sh
 
 clean:
-	rm -rf build sslscale/_C*.so *.egg-info
+	rm -rf build sslscale/_C*.so *.egg-info bench-results
