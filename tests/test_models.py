@@ -89,3 +89,21 @@ def test_load_rejects_mismatched_weights(tmp_path):
               metadata={"sslscale": json.dumps({"encoder": other.config})})
     with pytest.raises(ValueError, match="missing keys"):
         load_encoder(path)
+
+
+@pytest.mark.parametrize("name", ["convnet_small", "resnet_small"])
+def test_activation_checkpointing_same_gradients_and_batchnorm_stats(name):
+    torch.manual_seed(0)
+    plain = build_encoder(name)
+    ckpt = build_encoder(name)
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.activation_checkpointing = True
+    x = torch.randn(6, 1, 28, 28)
+    for model in (plain, ckpt):
+        model.train()
+        model(x).square().sum().backward()
+    for (n, p1), p2 in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-5, atol=1e-6, msg=n)
+    # The recompute pass must not update BatchNorm running statistics a second time.
+    for (n, b1), b2 in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(b2, b1, msg=n)

@@ -36,23 +36,15 @@ CUDA_QUICK_SEQ = [1024, 4096]
 _REFERENCE_SQUARES = 6
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="two small lengths, fewer runs (under a minute on CPU)")
-    parser.add_argument("--seq", type=_int_list, default=None, help="sequence lengths T, comma-separated")
+    parser.add_argument("--seq", type=common.positive_ints, default=None,
+                        help="sequence lengths T, comma-separated")
     parser.add_argument("--batch", type=int, default=None, help="sequences B (default: CPU 4; CUDA 64k tokens / T)")
     parser.add_argument("--heads", type=int, default=None, help="query heads H (default: CPU 8, CUDA 16)")
-    parser.add_argument("--head-dims", type=_int_list, default=None, help="head dims D (default: CPU 64, CUDA 64,128)")
+    parser.add_argument("--head-dims", type=common.positive_ints, default=None,
+                        help="head dims D (default: CPU 64, CUDA 64,128)")
     parser.add_argument("--repeat", type=int, default=None, help="timed rounds per case (median; default 3, quick 2)")
     parser.add_argument("--reference-budget-gib", type=float, default=8.0,
                         help="memory the CPU reference may use; beyond it it runs on fewer sequences, scaled up")

@@ -7,6 +7,7 @@ back to the OS instead of being silently reused, which would hide allocations fr
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import json
@@ -34,6 +35,17 @@ def _pin_malloc() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
     except OSError:
         pass
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: "512,1024" -> [512, 1024], positive integers only."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def _rss_kib(field: str) -> int:

@@ -29,21 +29,11 @@ QUICK = {"cpu": ([256, 1024], [256]), "cuda": ([1024, 4096], [256])}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes only (about a minute on 2 CPU cores)")
-    parser.add_argument("--sizes", type=_int_list, default=None, help="pairs B, comma-separated (rows = 2B)")
-    parser.add_argument("--dims", type=_int_list, default=None, help="feature dims d, comma-separated")
+    parser.add_argument("--sizes", type=common.positive_ints, default=None, help="pairs B, comma-separated (rows = 2B)")
+    parser.add_argument("--dims", type=common.positive_ints, default=None, help="feature dims d, comma-separated")
     parser.add_argument("--backends", default=None, help="fused backends to compare, comma-separated")
     parser.add_argument("--mode", choices=("simclr", "clip"), default="simclr")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")

@@ -2,11 +2,12 @@
 per-step overhead against a plain PyTorch loop (DDP for 2 processes) with the same model and the same batches.
 
 The engine side is the real `sslscale pretrain` loop (DeepSpeed step, the per-micro-batch agreement all-reduce,
-logging, watchdog), timed from its own JSON log (one line per step): the median step time over the second half of the run; the
-first half is warm-up. The plain loop is timed the same way (median step). Data
-comes from `sslscale.train.synthetic` (a pool of ready batches), so the loader is not measured here
-(`sslscale bench data` does that). Each world size runs in one launch of N processes that goes through every stage
-and then the plain loop, so start-up is paid once per world size. Target: overhead <= 10% at ZeRO-0.
+logging, watchdog), timed from its own JSON log (one line per step): the median step time over the second half of
+the run; the first half is warm-up. The plain loop is timed the same way (median step). Data comes from
+`sslscale.train.synthetic` (a pool of ready batches), so the loader is not measured here (`sslscale bench data`
+does that). Each world size runs in one launch of N processes that visits every layout twice in ABBA order
+(stages, plain loop, plain loop, stages reversed) and reports the mean of the two visits; start-up is paid once
+per world size. Target: overhead <= 10% at ZeRO-0.
 """
 
 from __future__ import annotations
@@ -106,18 +107,29 @@ def _worker(args: argparse.Namespace) -> int:
     from sslscale.train.pretrain import pretrain
 
     steps = args.steps
-    results = []
-    for stage in _ints(args.stages):
-        run_dir = Path(args.worker).parent / f"run-stage{stage}-w{os.environ.get('WORLD_SIZE', '1')}"
+    # ABBA order (every layout, then every layout again in reverse) and the mean of the two visits: a slow drift
+    # of the machine's speed over the run (seen here at +-30% within minutes) then hits every layout alike.
+    layouts = [f"zero{stage}" for stage in _ints(args.stages)] + ["plain"]
+    visits: dict[str, list[dict]] = {name: [] for name in layouts}
+    for visit, name in enumerate(layouts + layouts[::-1]):
+        if name == "plain":
+            visits[name].append(_plain_loop(config_mod.load(args.config, _bench_overrides(args, steps, None)), steps))
+            continue
+        stage = int(name[4:])
+        run_dir = Path(args.worker).parent / f"run-{name}-w{os.environ.get('WORLD_SIZE', '1')}-{visit}"
         cfg = config_mod.load(args.config, _bench_overrides(args, steps, run_dir) + [f"zero.stage={stage}",
                                                                                      "zero.config=null"])
         pretrain(cfg)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         step_s = statistics.median(r["step_time_s"] for r in records[steps:])
-        results.append({"world": dist.get_world_size(), "layout": f"zero{stage}", "batch": cfg.data.batch_size,
-                        "samples_per_s": cfg.data.batch_size * dist.get_world_size() / step_s,
-                        "step_ms": 1e3 * step_s})
-    results.append(_plain_loop(config_mod.load(args.config, _bench_overrides(args, steps, None)), steps))
+        visits[name].append({"world": dist.get_world_size(), "layout": name, "batch": cfg.data.batch_size,
+                             "step_ms": 1e3 * step_s})
+    results = []
+    for name in layouts:
+        step_ms = statistics.mean(v["step_ms"] for v in visits[name])
+        row = dict(visits[name][0], step_ms=step_ms)
+        row["samples_per_s"] = row["batch"] * row["world"] / (step_ms / 1e3)
+        results.append(row)
     if dist.get_rank() == 0:
         Path(args.worker).write_text(json.dumps(results))
     dist.destroy_process_group()

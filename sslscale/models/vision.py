@@ -7,10 +7,12 @@ file can rebuild the same architecture without the training config.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -26,6 +28,33 @@ def _check_stages(widths: Sequence[int], strides: Sequence[int]) -> None:
         raise ValueError(f"widths and strides must be non-empty and of equal length, got {list(widths)} and {list(strides)}")
     if any(int(w) < 1 for w in widths) or any(int(s) < 1 for s in strides):
         raise ValueError(f"widths and strides must be positive, got {list(widths)} and {list(strides)}")
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
+    """Momentum 0 for the recompute pass (batch counters restored after it), so BatchNorm running statistics
+    count each batch once, not twice."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, activation_checkpointing: bool) -> torch.Tensor:
+    """Run `blocks` in order; with activation checkpointing each block's activations are recomputed in backward."""
+    if not (activation_checkpointing and torch.is_grad_enabled()):
+        return blocks(x)
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False,
+                       context_fn=lambda b=block: (contextlib.nullcontext(), _frozen_batchnorm_stats(b)))
+    return x
 
 
 class ConvNetSmall(nn.Module):
@@ -48,12 +77,13 @@ class ConvNetSmall(nn.Module):
             layers.append(_conv_bn_relu(cin, int(w), int(s)))
             cin = int(w)
         self.features = nn.Sequential(*layers)
+        self.activation_checkpointing = False  # set by the training engine (model.activation_checkpointing)
         self.out_dim = cin
         self.config = {"name": "convnet_small", "in_channels": int(in_channels),
                        "widths": [int(w) for w in widths], "strides": [int(s) for s in strides]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).mean(dim=(2, 3))
+        return run_blocks(self.features, x, self.activation_checkpointing).mean(dim=(2, 3))
 
 
 class BasicBlock(nn.Module):
@@ -98,10 +128,11 @@ class ResNetSmall(nn.Module):
                 stages.append(BasicBlock(cin, int(w), int(s) if b == 0 else 1))
                 cin = int(w)
         self.stages = nn.Sequential(*stages)
+        self.activation_checkpointing = False  # set by the training engine (model.activation_checkpointing)
         self.out_dim = cin
         self.config = {"name": "resnet_small", "in_channels": int(in_channels), "stem_width": int(stem_width),
                        "stem_stride": int(stem_stride), "widths": [int(w) for w in widths],
                        "strides": [int(s) for s in strides], "blocks": int(blocks)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(x)).mean(dim=(2, 3))
+        return run_blocks(self.stages, self.stem(x), self.activation_checkpointing).mean(dim=(2, 3))

@@ -3,7 +3,7 @@
 A few batches of random images are made once and served in turn, so the loader costs nothing and every layout
 (world size, ZeRO stage, plain PyTorch loop) sees the same tensors. It follows the stream protocol
 (`state_dict`/`load_state_dict`), so checkpoints and resume work with it too. Plug in with
-`data.builder: sslscale.train.synthetic:build_stream`; `data.extra` may set image_shape, pool, batches_per_epoch.
+`data.builder: sslscale.train.synthetic:build_stream`; `data.extra` may set image_shape, pool, batches_per_epoch, classes (other keys are ignored).
 """
 
 from __future__ import annotations
@@ -35,8 +35,12 @@ class SyntheticStream:
         self.epoch, self.batch = self.epoch + 1, 0
 
 
+_OWN_KEYS = ("image_shape", "pool", "batches_per_epoch", "classes")
+
+
 def build_stream(data, seed: int, rank: int, world_size: int) -> SyntheticStream:
-    extra = dict(data.extra)
+    # Only the synthetic stream's own options apply; a recipe's real-stream options (augment, ...) are moot here.
+    extra = {k: v for k, v in data.extra.items() if k in _OWN_KEYS}
     if "image_shape" in extra:
         extra["image_shape"] = tuple(extra["image_shape"])
     return SyntheticStream(data.batch_size, rank, seed, **extra)
