@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Callable
 
 import torch
@@ -107,13 +106,7 @@ def _interleaved_ms(calls: dict[str, Callable], device: torch.device, rounds: in
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            call()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append(common.elapsed_ms(call, device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

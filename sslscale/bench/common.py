@@ -78,20 +78,22 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return max(peak, 0) * 1024
 
 
+def elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock milliseconds of one `fn()` call (queued GPU work included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmup: int = 1) -> float:
     """Median wall-clock milliseconds of `fn()` over `repeat` runs after `warmup` runs."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(elapsed_ms(fn, device) for _ in range(repeat))
 
 
 def matmul_gflops(device: torch.device, n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
