@@ -173,6 +173,15 @@ def _triton_modules():
     return attention, infonce
 
 
+def _jit(kernel):
+    """The JITFunction under an autotuner (or the kernel itself)."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(kernel, JITFunction) and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel
+
+
 def triton_rows(dims_attn, dims_infonce) -> list[dict]:
     import torch
 
@@ -188,10 +197,10 @@ def triton_rows(dims_attn, dims_infonce) -> list[dict]:
             lse = torch.empty(b, h, t)
             st = q.stride()[:3]
             kernels = {
-                "fwd": (attn._fwd_kernel.fn, (q, q, q, q, lse, 0.1, *st * 4, h, t, 1), "BLOCK_M", b * h),
-                "dq": (attn._bwd_dq_kernel.fn, (q, q, q, q, lse, lse, q, 0.1, 0.1, *st * 5, h, t, 1), "BLOCK_M",
+                "fwd": (_jit(attn._fwd_kernel), (q, q, q, q, lse, 0.1, *st * 4, h, t, 1), "BLOCK_M", b * h),
+                "dq": (_jit(attn._bwd_dq_kernel), (q, q, q, q, lse, lse, q, 0.1, 0.1, *st * 5, h, t, 1), "BLOCK_M",
                        b * h),
-                "dkdv": (attn._bwd_dkdv_kernel.fn, (q, q, q, q, lse, lse, q, q, 0.1, 0.1, *st * 6, h, hkv, t, 1),
+                "dkdv": (_jit(attn._bwd_dkdv_kernel), (q, q, q, q, lse, lse, q, q, 0.1, 0.1, *st * 6, h, hkv, t, 1),
                          "BLOCK_N", b * hkv),
             }
             for name, (fn, args, tile_key, heads) in kernels.items():
@@ -217,11 +226,11 @@ def triton_rows(dims_attn, dims_infonce) -> list[dict]:
             bwd_kw = dict(common_kw, BLOCK_D=cfg.block_d, REGISTER_ACC=cfg.register_acc, BF16_GRAD=cfg.bf16_grad)
             out = torch.empty(4, m, d, dtype=torch.float32)
             compiled = {
-                "forward": compile_kernel(nce._fwd_kernel.fn, (rows_t, rows_t, idx, idx, part, part, m, m, d, 256),
+                "forward": compile_kernel(_jit(nce._fwd_kernel), (rows_t, rows_t, idx, idx, part, part, m, m, d, 256),
                                           common_kw),
-                "d_rows": compile_kernel(nce._bwd_rows_kernel.fn,
+                "d_rows": compile_kernel(_jit(nce._bwd_rows_kernel),
                                          (grads, rows_t, rows_t, idx, idx, grads, out, m, m, d, 256), bwd_kw),
-                "d_cols": compile_kernel(nce._bwd_cols_kernel.fn,
+                "d_cols": compile_kernel(_jit(nce._bwd_cols_kernel),
                                          (grads, rows_t, rows_t, idx, idx, grads, out, m, m, d, 256), bwd_kw),
             }
             acc = "registers" if cfg.register_acc else "workspace"

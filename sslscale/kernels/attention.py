@@ -19,7 +19,8 @@ cores at close to fp32 accuracy; plain IEEE fp32 dots there lower to CUDA-core l
 
 Tile configurations per (kernel, head_dim, dtype) are the `CONFIGS` table: each one compiles for sm_90 without
 register spills and within the 227 KiB shared-memory limit (`sslscale bench gpu-static` checks every one of them);
-the autotuner picks among the survivors of a (head_dim, dtype) on the device.
+the autotuner picks among the survivors of a (head_dim, dtype) on the device (SSLSCALE_TRITON_TUNE=first: the first
+one only, no tuning: what the GPU check's tests use to keep compile time down).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def configs_for(kernel: str, head_dim: int, fp32_dot: bool) -> list[triton.Confi
         m, n = _INTERPRETER_TILES[kernel]
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1)]
     table = CONFIGS[kernel][(max(head_dim, 64), bool(fp32_dot))]
+    if os.environ.get("SSLSCALE_TRITON_TUNE") == "first":  # tests: one config, no autotuning (compile time)
+        table = table[:1]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
 
 

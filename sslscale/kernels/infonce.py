@@ -251,12 +251,14 @@ def config(d: int, dtype: torch.dtype, interpreted: bool = _INTERPRETED) -> Conf
     # upcast second dot is fp32, where tf32 matches the inputs' own 10-bit mantissa.
     precision = "tf32x3" if dtype == torch.float32 else "tf32"
     register_acc = width <= REGISTER_D[dtype]
+    # Spill-free on sm_90 (`sslscale bench gpu-static`); per_sm is the forward's occupancy, the highest of the three
+    # kernels, so that the split counts give at least WAVES rounds to every kernel.
     if dtype == torch.float32:
         block_k, block_d = 32, width if register_acc else 64
-        warps, per_sm = 4, 2
+        warps, per_sm = 8, 2
     else:
         block_k, block_d = 64, width if register_acc else 128
-        warps, per_sm = (8, 1) if width >= 256 else (4, 2)
+        warps, per_sm = (8, 2) if width >= 128 else (4, 2)
     return Config(64, 64, block_k, block_d, register_acc, warps, 2, per_sm, False, dtype == torch.bfloat16,
                   precision)
 
