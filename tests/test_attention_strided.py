@@ -199,3 +199,17 @@ def test_scale_must_be_a_number():
         causal_attention(q, q, q, scale="0.1")
     assert math.isclose(float(causal_attention(q, q, q, scale=torch.tensor(0.5), backend="reference").sum()),
                         float(causal_attention(q, q, q, scale=0.5, backend="reference").sum()), rel_tol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_more_than_65535_heads(name):
+    """batch x heads beyond the 65535 limit of a grid's y axis: the grids are one-dimensional."""
+    if not (torch.cuda.is_available() and availability("attention", name, torch.device("cuda")).usable):
+        pytest.skip(f"{name} attention not usable on CUDA here")
+    q, k, v = (torch.randn(70000, 1, 3, 32, device="cuda", requires_grad=True) for _ in range(3))
+    out = causal_attention(q, k, v, backend=name)
+    out.backward(torch.ones_like(out))
+    want = reference.attention(q.detach(), k.detach(), v.detach())
+    _close(out, want, 5e-5, "out with B*H = 70000")
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()

@@ -16,6 +16,8 @@ import sslscale.ops
 from sslscale.ops import reference
 
 kernels = pytest.importorskip("sslscale.kernels.infonce")
+# On a GPU machine every test here runs compiled on the device: part of `make gpu-check`'s GPU tests.
+pytestmark = [pytest.mark.gpu] if torch.cuda.is_available() else []
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # relative to the largest reference magnitude of each output
@@ -142,9 +144,8 @@ def test_op_matches_textbook_loss_and_temperature_gradient(mode):
 
 
 def test_bf16_gradient_tiles_stay_within_tolerance(monkeypatch):
-    """On a GPU the backward rounds g (p - t) to bf16 before its second dot; emulate that rounding here."""
-    if DEVICE == "cuda":
-        pytest.skip("the compiled path already runs with bf16 gradient tiles")
+    """On a GPU the backward rounds g (p - t) to bf16 before its second dot; emulate that rounding here (on a GPU
+    this is the configuration it runs anyway)."""
     make = kernels.config
     monkeypatch.setattr(kernels, "config", lambda d, dtype, interp=True: replace(make(d, dtype, interp), bf16_grad=True))
     rows, cols, pos, self_idx, grad = _problem(130, 260, 96, torch.bfloat16, 20.0, True)
@@ -190,7 +191,7 @@ def test_splits_and_accumulators_match_reference(monkeypatch, sms, register_acc)
     """Column/row splits (partial LSEs and fp32 partial gradients combined afterwards) and both backward
     accumulators (registers; an fp32 workspace updated feature block by feature block) give the oracle's values,
     and the same bits on a second run."""
-    monkeypatch.setattr(kernels, "INTERPRETER_SMS", sms)
+    monkeypatch.setattr(kernels, "sm_count", lambda device: sms)
     if not register_acc:
         make = kernels.config
         monkeypatch.setattr(kernels, "config",
@@ -198,7 +199,7 @@ def test_splits_and_accumulators_match_reference(monkeypatch, sms, register_acc)
     rows, cols, pos, self_idx, grad = _problem(200, 330, 80, torch.float32, 20.0, True, seed=3)
     loss, lse = kernels.infonce_fwd(rows, cols, pos, self_idx)
     d_rows, d_cols = kernels.infonce_bwd(grad, rows, cols, pos, self_idx, lse)
-    plan = kernels.launch_plan(200, 330, 80, torch.float32, kernels.sm_count(rows.device))
+    plan = kernels.launch_plan(200, 330, 80, torch.float32, sms)
     assert (plan["forward"]["grid"][1] > 1) == (sms > 1) and (plan["d_cols"]["grid"][1] > 1) == (sms > 1)
     want_loss, want_lse, want_rows, want_cols = _oracle(rows, cols, pos, self_idx, grad)
     _close(lse, want_lse, 1e-5, "lse")
@@ -211,7 +212,7 @@ def test_splits_and_accumulators_match_reference(monkeypatch, sms, register_acc)
 
 def test_split_with_no_kept_column_is_neutral(monkeypatch):
     """A split whose only column is a row's excluded one has a partial LSE of -inf: it must add nothing."""
-    monkeypatch.setattr(kernels, "INTERPRETER_SMS", 64)
+    monkeypatch.setattr(kernels, "sm_count", lambda device: 64)
     rows, cols, pos, self_idx, grad = _problem(3, 130, 16, torch.float32, 5.0, False, seed=4)
     self_idx = torch.full_like(self_idx, 128)  # column 128 is alone in the last 64-column split
     loss, lse = kernels.infonce_fwd(rows, cols, pos, self_idx)

@@ -76,7 +76,7 @@ def parse_ptxas_log(text: str) -> list[KernelResources]:
             continue
         if current is None:
             continue
-        if line.strip().startswith("Function properties for") and current.name not in line:
+        if "Function properties for" in line and current.name not in line:
             current = None  # properties of a non-entry (device) function follow: not ours
             continue
         props = _PROPS.search(line)
