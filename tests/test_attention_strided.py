@@ -213,3 +213,15 @@ def test_more_than_65535_heads(name):
     want = reference.attention(q.detach(), k.detach(), v.detach())
     _close(out, want, 5e-5, "out with B*H = 70000")
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_gpu_backend_order_prefers_triton(monkeypatch):
+    """Automatic choice on CUDA tensors: triton (wgmma on Hopper) before cuda (mma.sync), see ops/backends.py."""
+    monkeypatch.delenv("SSLSCALE_BACKEND", raising=False)
+    usable = {"triton", "cuda", "reference"}
+    monkeypatch.setattr(backends, "availability",
+                        lambda op, name, device: backends.Availability(name in usable, "stand-in"))
+    assert backends.resolve("attention", None, torch.device("cuda")) == "triton"
+    assert backends.resolve("infonce", None, torch.device("cuda")) == "triton"
+    usable.discard("triton")
+    assert backends.resolve("infonce", None, torch.device("cuda")) == "cuda"
