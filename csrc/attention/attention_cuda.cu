@@ -42,6 +42,8 @@ struct FwdCfg {
   static constexpr int BM = 16 * kWarps;
   static constexpr int BN = 64;
   static constexpr int kThreads = 32 * kWarps;
+  // two resident blocks per SM where that costs no spills (head_dim 64 would need <= 128 registers: it spills)
+  static constexpr int kMinBlocks = D == 64 ? 1 : 2;
   static constexpr int LD = D + 8;  // bf16 elements per shared-memory row (16 bytes of padding)
   static constexpr int kQ = BM * LD, kKV = BN * LD;
   static constexpr size_t kSmem = sizeof(bf16) * (kQ + 4 * kKV);  // Q | K[2] | V[2]
@@ -104,7 +106,7 @@ __device__ __forceinline__ void store_rows(bf16* dst, long long st, const bf16* 
 }
 
 template <int D>
-__global__ void __launch_bounds__(FwdCfg<D>::kThreads)
+__global__ void __launch_bounds__(FwdCfg<D>::kThreads, FwdCfg<D>::kMinBlocks)
     fwd_mma_kernel(Operand q, Operand k, Operand v, Operand out, float* __restrict__ lse, int heads, int group,
                    int seq_len, float qk2) {
   using C = FwdCfg<D>;
