@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 2
 
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: setup demo test test-fast bench gpu-check clean
+.PHONY: setup demo test test-fast bench gpu-check gpu-static clean
 
 $(VENV)/.torch:
 ifeq ($(TORCH),system)
@@ -57,9 +57,14 @@ bench: setup
 	$(VENV)/bin/sslscale bench data
 	$(VENV)/bin/sslscale bench train
 
-# On a CUDA machine with its own torch: build the CUDA kernels, run the GPU tests, print the GPU benchmarks.
+# On a CUDA machine, with that machine's own python3/torch (no venv, no network): build the CUDA kernels, run every
+# GPU test (a skip fails), the GPU benchmarks; one JSON ($OUT/gpu-check.json or bench-results/gpu-check.json).
 gpu-check:
 	bash launchers/gpu_check.sh
+
+# Without a GPU: registers, spills, shared memory, occupancy and grids of every GPU kernel for sm_90 (table + JSON).
+gpu-static: setup
+	$(VENV)/bin/sslscale bench gpu-static
 
 clean:
 	rm -rf build sslscale/_C*.so *.egg-info bench-results

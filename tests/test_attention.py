@@ -277,3 +277,5 @@ def test_bench_counts_and_scales_the_reference(tmp_path, monkeypatch):
     assert rows["reference"]["ref_batch"] == 1 and rows["sdpa"]["ref_batch"] is None
     if availability("attention", "cpp", torch.device("cpu")).usable:
         assert rows["cpp"]["fb_ms"] > 0 and rows["cpp"]["fb_rate"] > 0
+        layout = {r["impl"]: r for r in json.loads(out.read_text())["layout"]}
+        assert set(layout) == {"cpp:view", "cpp:copy"} and "fb_copy_cost" in layout["cpp:copy"]

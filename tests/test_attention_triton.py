@@ -8,10 +8,10 @@ import torch
 
 from sslscale.ops import backends, causal_attention, reference
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     not backends.availability("attention", "triton", torch.device("cpu")).usable and not torch.cuda.is_available(),
     reason="triton attention not usable here",
-)
+)] + ([pytest.mark.gpu] if torch.cuda.is_available() else [])  # compiled on the device: a `make gpu-check` test
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Max error relative to the reference's largest magnitude: fp32 differs from fp64 by summation order only; bf16

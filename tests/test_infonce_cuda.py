@@ -54,3 +54,38 @@ def test_cuda_rejects_bad_inputs_by_name():
         impl.infonce_fwd(rows, torch.randn(5, 7, device="cuda"), pos, pos)
     with pytest.raises(RuntimeError, match="pos must be Long"):
         impl.infonce_fwd(rows, torch.randn(5, 8, device="cuda"), pos.int(), pos)
+
+
+@pytest.mark.parametrize("m,n,d,dtype", [
+    (300, 2000, 200, torch.bfloat16),   # column split, fp32 workspace accumulator (d > 128)
+    (2048, 2048, 96, torch.float16),    # splits with the register accumulator, fp16 with its g scaling
+    (130, 900, 1000, torch.float32),    # CUDA-core path, several feature chunks, workspace
+    (4100, 70, 64, torch.bfloat16),     # many row tiles, one column split
+], ids=lambda v: str(v).replace("torch.", ""))
+def test_cuda_splits_and_accumulators(m, n, d, dtype):
+    """The split plans of a real device (partials combined afterwards) and both accumulators."""
+    impl = _cuda_kernels()
+    rows, cols, pos, self_idx, grad = _problem(m, n, d, dtype, 20.0, True, seed=5)
+    loss, lse = impl.infonce_fwd(rows, cols, pos, self_idx)
+    d_rows, d_cols = impl.infonce_bwd(grad, rows, cols, pos, self_idx, lse)
+    want_loss, want_lse, want_rows, want_cols = _oracle(rows, cols, pos, self_idx, grad)
+    _close(lse, want_lse, 1e-5, "lse")
+    _close(loss, want_loss, 1e-5, "loss")
+    _close(d_rows, want_rows, TOL[dtype], "d_rows")
+    _close(d_cols, want_cols, TOL[dtype], "d_cols")
+    again = impl.infonce_bwd(grad, rows, cols, pos, self_idx, lse)
+    assert torch.equal(again[0], d_rows) and torch.equal(again[1], d_cols), "splits must combine deterministically"
+
+
+def test_cuda_runs_on_the_tensors_device():
+    """Launches follow the tensors' device, not the current one (checked where two GPUs exist)."""
+    impl = _cuda_kernels()
+    if torch.cuda.device_count() < 2:
+        rows, cols, pos, self_idx, grad = _problem(70, 90, 40, torch.bfloat16, 5.0, True)
+        loss, _ = impl.infonce_fwd(rows, cols, pos, self_idx)
+        assert loss.device == rows.device
+        return
+    with torch.cuda.device(0):
+        rows, cols, pos, self_idx, grad = (t.to("cuda:1") for t in _problem(70, 90, 40, torch.bfloat16, 5.0, True))
+        loss, lse = impl.infonce_fwd(rows, cols, pos, self_idx)
+    _close(lse, _oracle(rows, cols, pos, self_idx, grad)[1], 1e-5, "lse on cuda:1")

@@ -16,6 +16,8 @@ import sslscale.ops
 from sslscale.ops import reference
 
 kernels = pytest.importorskip("sslscale.kernels.infonce")
+# On a GPU machine every test here runs compiled on the device: part of `make gpu-check`'s GPU tests.
+pytestmark = [pytest.mark.gpu] if torch.cuda.is_available() else []
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # relative to the largest reference magnitude of each output
@@ -142,11 +144,10 @@ def test_op_matches_textbook_loss_and_temperature_gradient(mode):
 
 
 def test_bf16_gradient_tiles_stay_within_tolerance(monkeypatch):
-    """On a GPU the backward rounds g (p - t) to bf16 before its second dot; emulate that rounding here."""
-    if DEVICE == "cuda":
-        pytest.skip("the compiled path already runs with bf16 gradient tiles")
-    make = kernels._config
-    monkeypatch.setattr(kernels, "_config", lambda d, dtype, interp: replace(make(d, dtype, interp), bf16_grad=True))
+    """On a GPU the backward rounds g (p - t) to bf16 before its second dot; emulate that rounding here (on a GPU
+    this is the configuration it runs anyway)."""
+    make = kernels.config
+    monkeypatch.setattr(kernels, "config", lambda d, dtype, interp=True: replace(make(d, dtype, interp), bf16_grad=True))
     rows, cols, pos, self_idx, grad = _problem(130, 260, 96, torch.bfloat16, 20.0, True)
     _, lse = kernels.infonce_fwd(rows, cols, pos, self_idx)
     d_rows, d_cols = kernels.infonce_bwd(grad, rows, cols, pos, self_idx, lse)
@@ -161,3 +162,61 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     idx = torch.zeros(3, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         kernels.infonce_fwd(x, x, idx, idx)
+
+
+@pytest.mark.parametrize("d", [256, 512, 1024])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_split_plan_fills_an_h100_at_1024_pairs(d, dtype):
+    """1024 SimCLR pairs per rank are 2048 rows = 32 row tiles: the column split must still give every one of 132
+    SMs at least two rounds of programs, in all three kernels (at the configuration's stated occupancy)."""
+    plan = kernels.launch_plan(2048, 2048, d, dtype, sms=132, interpreted=False)
+    per_sm = plan["config"].blocks_per_sm
+    for kernel in ("forward", "d_rows", "d_cols"):
+        own, splits = plan[kernel]["grid"]
+        assert own * splits >= kernels.WAVES * 132 * per_sm, (kernel, plan[kernel])
+        assert splits > 1 and plan[kernel]["per_split"] % 64 == 0
+    # a big problem needs no split: the row tiles alone fill the chip
+    assert kernels.launch_plan(65536, 65536, d, dtype, sms=132, interpreted=False)["d_rows"]["grid"][1] == 1
+
+
+def test_split_count_covers_every_tile_once():
+    for own, other, sms, per_sm in [(32, 32, 132, 1), (3, 5, 2, 1), (1, 1, 132, 2), (200, 7, 132, 1), (5, 1000, 8, 2)]:
+        splits, per_split = kernels.split_count(own, other, sms, per_sm)
+        assert 1 <= splits <= other and (splits - 1) * per_split < other <= splits * per_split
+
+
+@pytest.mark.parametrize("sms", [1, 64], ids=["one-split", "many-splits"])
+@pytest.mark.parametrize("register_acc", [True, False], ids=["register-acc", "workspace-acc"])
+def test_splits_and_accumulators_match_reference(monkeypatch, sms, register_acc):
+    """Column/row splits (partial LSEs and fp32 partial gradients combined afterwards) and both backward
+    accumulators (registers; an fp32 workspace updated feature block by feature block) give the oracle's values,
+    and the same bits on a second run."""
+    monkeypatch.setattr(kernels, "sm_count", lambda device: sms)
+    if not register_acc:
+        make = kernels.config
+        monkeypatch.setattr(kernels, "config",
+                            lambda d, dtype, interp=True: replace(make(d, dtype, interp), register_acc=False, block_d=32))
+    rows, cols, pos, self_idx, grad = _problem(200, 330, 80, torch.float32, 20.0, True, seed=3)
+    loss, lse = kernels.infonce_fwd(rows, cols, pos, self_idx)
+    d_rows, d_cols = kernels.infonce_bwd(grad, rows, cols, pos, self_idx, lse)
+    plan = kernels.launch_plan(200, 330, 80, torch.float32, sms)
+    assert (plan["forward"]["grid"][1] > 1) == (sms > 1) and (plan["d_cols"]["grid"][1] > 1) == (sms > 1)
+    want_loss, want_lse, want_rows, want_cols = _oracle(rows, cols, pos, self_idx, grad)
+    _close(lse, want_lse, 1e-5, "lse")
+    _close(loss, want_loss, 1e-5, "loss")
+    _close(d_rows, want_rows, TOL[torch.float32], "d_rows")
+    _close(d_cols, want_cols, TOL[torch.float32], "d_cols")
+    again = kernels.infonce_bwd(grad, rows, cols, pos, self_idx, lse)
+    assert torch.equal(again[0], d_rows) and torch.equal(again[1], d_cols)
+
+
+def test_split_with_no_kept_column_is_neutral(monkeypatch):
+    """A split whose only column is a row's excluded one has a partial LSE of -inf: it must add nothing."""
+    monkeypatch.setattr(kernels, "sm_count", lambda device: 64)
+    rows, cols, pos, self_idx, grad = _problem(3, 130, 16, torch.float32, 5.0, False, seed=4)
+    self_idx = torch.full_like(self_idx, 128)  # column 128 is alone in the last 64-column split
+    loss, lse = kernels.infonce_fwd(rows, cols, pos, self_idx)
+    want_loss, want_lse, _, _ = _oracle(rows, cols, pos, self_idx, grad)
+    assert kernels.launch_plan(3, 130, 16, torch.float32, 128)["forward"]["grid"][1] == 3
+    _close(lse, want_lse, 1e-5, "lse")
+    _close(loss, want_loss, 1e-5, "loss")

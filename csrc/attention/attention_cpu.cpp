@@ -1,5 +1,9 @@
 // Fused causal (grouped-query) attention on CPU: the flash-attention algorithm with per-tile BLAS GEMMs.
 //
+// Layout: every (B, H, T, D) operand is addressed through its own batch, head and row strides (the feature stride
+// must be 1), so a model's (B, T, H, D).transpose(1, 2) views are read in place, and the outputs (out, dq, dk, dv)
+// are allocated with `empty_like` of their input: the same layout when the input is dense, contiguous otherwise.
+//
 // Forward: one task per (batch, head, query tile). The query tile meets the key/value tiles at or left of the
 // diagonal (tiles wholly above it are never visited), keeping a running row max m, row sum l and an unnormalised
 // output accumulator: the T x T scores never exist, only one tile of them per task. It stores out and
@@ -93,14 +97,36 @@ void parallel_dynamic(int64_t n_tasks, const MakeScratch& make_scratch, const Wo
   });
 }
 
-// The rows [0, n) of a tensor slice as acc_t: the slice itself when no conversion is needed, else a copy in buf.
+// A row-major matrix in memory: rows `ld` elements apart (D contiguous features per row).
+template <typename T>
+struct Mat {
+  T* p;
+  int64_t ld;
+  T* row(int64_t r) const { return p + r * ld; }
+};
+
+// A (B, H, T, D) tensor addressed through its batch, head and row strides (feature stride 1).
+template <typename T>
+struct Strided {
+  T* data;
+  int64_t sb, sh, st;
+  Mat<T> head(int64_t b, int64_t h) const { return {data + b * sb + h * sh, st}; }
+};
+
+template <typename T>
+Strided<T> strided(const at::Tensor& t) {
+  return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Rows [0, n) of `src` as acc_t: the rows in place when no conversion is needed, else converted into buf
+// (leading dimension D).
 template <typename acc_t, typename scalar_t>
-const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* buf) {
+Mat<const acc_t> as_acc(Mat<const scalar_t> src, int64_t n, int64_t D, acc_t* buf) {
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
     return src;
   } else {
-    at::vec::convert(src, buf, n);
-    return buf;
+    for (int64_t r = 0; r < n; ++r) at::vec::convert(src.row(r), buf + r * D, D);
+    return {buf, D};
   }
 }
 
@@ -148,14 +174,11 @@ inline int64_t visible_keys(int64_t t, int64_t k0, int64_t nk) {
 struct Dims {
   int64_t batch, heads, kv_heads, seq, head_dim;
   int64_t group() const { return heads / kv_heads; }
-  // Offset of row 0 of query head h (of batch b) and of the kv head it reads.
-  int64_t q_head(int64_t b, int64_t h) const { return (b * heads + h) * seq * head_dim; }
-  int64_t kv_head(int64_t b, int64_t h) const { return (b * kv_heads + h / group()) * seq * head_dim; }
 };
 
 template <typename scalar_t, typename acc_t>
-void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out, float* lse, Dims s,
-                    acc_t scale) {
+void forward_kernel(Strided<const scalar_t> q, Strided<const scalar_t> k, Strided<const scalar_t> v,
+                    Strided<scalar_t> out, float* lse, Dims s, acc_t scale) {
   const int64_t T = s.seq, D = s.head_dim;
   const int64_t n_tiles = (T + kFwdBlockQ - 1) / kFwdBlockQ, n_heads = s.batch * s.heads;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -165,7 +188,7 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, sca
   };
   const auto make_scratch = [&] {
     constexpr bool convert = !std::is_same_v<acc_t, scalar_t>;
-    return Scratch{std::vector<acc_t>(kFwdBlockQ * D), std::vector<acc_t>(convert ? kFwdBlockK * D : 0),
+    return Scratch{std::vector<acc_t>(convert ? kFwdBlockQ * D : 0), std::vector<acc_t>(convert ? kFwdBlockK * D : 0),
                    std::vector<acc_t>(convert ? kFwdBlockK * D : 0), std::vector<acc_t>(kFwdBlockQ * kFwdBlockK),
                    std::vector<acc_t>(kFwdBlockQ * D), std::vector<acc_t>(kFwdBlockQ),
                    std::vector<acc_t>(kFwdBlockQ)};
@@ -173,11 +196,10 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, sca
   parallel_dynamic(n_heads * n_tiles, make_scratch, [&](int64_t task, Scratch& buf) {
     // Longest tiles (those nearest the end of the sequence) first, so the last tasks handed out are short.
     const int64_t tile = n_tiles - 1 - task / n_heads, bh = task % n_heads;
-    const int64_t b = bh / s.heads, h = bh % s.heads;
+    const int64_t b = bh / s.heads, h = bh % s.heads, hk = h / s.group();
     const int64_t q0 = tile * kFwdBlockQ, q1 = std::min(q0 + kFwdBlockQ, T), nq = q1 - q0;
-    const scalar_t* k_head = k + s.kv_head(b, h);
-    const scalar_t* v_head = v + s.kv_head(b, h);
-    const acc_t* qt = as_acc(q + s.q_head(b, h) + q0 * D, nq * D, buf.q.data());
+    const Mat<const scalar_t> k_head = k.head(b, hk), v_head = v.head(b, hk), q_head = q.head(b, h);
+    const Mat<const acc_t> qt = as_acc(Mat<const scalar_t>{q_head.row(q0), q_head.ld}, nq, D, buf.q.data());
     acc_t* acc = buf.out.data();
     acc_t* m = buf.row_max.data();
     acc_t* l = buf.row_sum.data();
@@ -187,10 +209,10 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, sca
 
     for (int64_t k0 = 0; k0 < q1; k0 += kFwdBlockK) {  // key tiles wholly above the diagonal: never visited
       const int64_t nk = std::min(k0 + kFwdBlockK, q1) - k0;
-      const acc_t* kt = as_acc(k_head + k0 * D, nk * D, buf.k.data());
-      const acc_t* vt = as_acc(v_head + k0 * D, nk * D, buf.v.data());
+      const Mat<const acc_t> kt = as_acc(Mat<const scalar_t>{k_head.row(k0), k_head.ld}, nk, D, buf.k.data());
+      const Mat<const acc_t> vt = as_acc(Mat<const scalar_t>{v_head.row(k0), v_head.ld}, nk, D, buf.v.data());
       acc_t* p = buf.scores.data();
-      gemm<acc_t>(false, true, nq, nk, D, scale, qt, D, kt, D, acc_t(0), p, nk);
+      gemm<acc_t>(false, true, nq, nk, D, scale, qt.p, qt.ld, kt.p, kt.ld, acc_t(0), p, nk);
       for (int64_t r = 0; r < nq; ++r) {
         acc_t* row = p + r * nk;
         const int64_t n_vis = visible_keys(q0 + r, k0, nk);
@@ -202,27 +224,30 @@ void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, sca
         m[r] = m_new;
         if (rescale != acc_t(1)) scale_row(acc + r * D, D, rescale);
       }
-      gemm<acc_t>(false, false, nq, D, nk, acc_t(1), p, nk, vt, D, acc_t(1), acc, D);
+      gemm<acc_t>(false, false, nq, D, nk, acc_t(1), p, nk, vt.p, vt.ld, acc_t(1), acc, D);
     }
 
-    scalar_t* out_rows = out + s.q_head(b, h) + q0 * D;
+    const Mat<scalar_t> out_head = out.head(b, h);
     float* lse_rows = lse + bh * T + q0;
     for (int64_t r = 0; r < nq; ++r) {
-      scale_row(acc + r * D, D, acc_t(1) / l[r]);
+      acc_t* row = acc + r * D;
+      scale_row(row, D, acc_t(1) / l[r]);
       lse_rows[r] = static_cast<float>(m[r] + std::log(l[r]));
-    }
-    if constexpr (std::is_same_v<acc_t, scalar_t>) {
-      std::copy(acc, acc + nq * D, out_rows);
-    } else {
-      at::vec::convert(acc, out_rows, nq * D);
+      if constexpr (std::is_same_v<acc_t, scalar_t>) {
+        std::copy(row, row + D, out_head.row(q0 + r));
+      } else {
+        at::vec::convert(row, out_head.row(q0 + r), D);
+      }
     }
   });
 }
 
-// dq, dk, dv: per-head acc_t outputs (dk/dv for every query head, not yet summed over the kv group).
+// dq, dk, dv: acc_t outputs addressed per query head (dk/dv for every query head, not yet summed over the kv
+// group unless the group is 1); every operand is strided.
 template <typename scalar_t, typename acc_t>
-void backward_kernel(const scalar_t* grad_out, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                     const scalar_t* out, const float* lse, acc_t* dq, acc_t* dk, acc_t* dv, Dims s, acc_t scale) {
+void backward_kernel(Strided<const scalar_t> grad_out, Strided<const scalar_t> q, Strided<const scalar_t> k,
+                     Strided<const scalar_t> v, Strided<const scalar_t> out, const float* lse, Strided<acc_t> dq,
+                     Strided<acc_t> dk, Strided<acc_t> dv, Dims s, acc_t scale) {
   const int64_t T = s.seq, D = s.head_dim;
 
   struct Scratch {
@@ -235,58 +260,59 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* q, const scalar_t
                    std::vector<acc_t>(kBwdBlockQ * kBwdBlockK)};
   };
   parallel_dynamic(s.batch * s.heads, make_scratch, [&](int64_t bh, Scratch& buf) {
-    const int64_t b = bh / s.heads, h = bh % s.heads;
-    const int64_t qo = s.q_head(b, h), kvo = s.kv_head(b, h);
-    const acc_t* qh = as_acc(q + qo, T * D, buf.q.data());
-    const acc_t* kh = as_acc(k + kvo, T * D, buf.k.data());
-    const acc_t* vh = as_acc(v + kvo, T * D, buf.v.data());
-    const acc_t* doh = as_acc(grad_out + qo, T * D, buf.grad_out.data());
+    const int64_t b = bh / s.heads, h = bh % s.heads, hk = h / s.group();
+    const Mat<const acc_t> qh = as_acc(q.head(b, h), T, D, buf.q.data());
+    const Mat<const acc_t> kh = as_acc(k.head(b, hk), T, D, buf.k.data());
+    const Mat<const acc_t> vh = as_acc(v.head(b, hk), T, D, buf.v.data());
+    const Mat<const acc_t> doh = as_acc(grad_out.head(b, h), T, D, buf.grad_out.data());
+    const Mat<const scalar_t> out_h = out.head(b, h);
     const float* lse_h = lse + bh * T;
-    acc_t* dq_h = dq + qo;
-    acc_t* dk_h = dk + qo;  // dk/dv buffers are laid out per query head
-    acc_t* dv_h = dv + qo;
-    std::fill(dq_h, dq_h + T * D, acc_t(0));
-    std::fill(dk_h, dk_h + T * D, acc_t(0));
-    std::fill(dv_h, dv_h + T * D, acc_t(0));
+    const Mat<acc_t> dq_h = dq.head(b, h), dk_h = dk.head(b, h), dv_h = dv.head(b, h);
+    for (int64_t t = 0; t < T; ++t) {
+      std::fill(dq_h.row(t), dq_h.row(t) + D, acc_t(0));
+      std::fill(dk_h.row(t), dk_h.row(t) + D, acc_t(0));
+      std::fill(dv_h.row(t), dv_h.row(t) + D, acc_t(0));
+    }
 
     acc_t* delta = buf.delta.data();  // delta_t = dO_t . O_t = sum_j P_tj dP_tj
     for (int64_t t = 0; t < T; ++t) {
-      const scalar_t* o_row = out + qo + t * D;
+      const scalar_t* o_row = out_h.row(t);
+      const acc_t* do_row = doh.row(t);
       acc_t dot = 0;
-      for (int64_t d = 0; d < D; ++d) dot += doh[t * D + d] * static_cast<acc_t>(o_row[d]);
+      for (int64_t d = 0; d < D; ++d) dot += do_row[d] * static_cast<acc_t>(o_row[d]);
       delta[t] = dot;
     }
 
     for (int64_t k0 = 0; k0 < T; k0 += kBwdBlockK) {
       const int64_t nk = std::min(k0 + kBwdBlockK, T) - k0;
-      const acc_t* kt = kh + k0 * D;
-      const acc_t* vt = vh + k0 * D;
-      acc_t* dkt = dk_h + k0 * D;
-      acc_t* dvt = dv_h + k0 * D;
+      const acc_t* kt = kh.row(k0);
+      const acc_t* vt = vh.row(k0);
+      acc_t* dkt = dk_h.row(k0);
+      acc_t* dvt = dv_h.row(k0);
       // Query tiles whose last row reaches this key tile; the ones before it lie wholly above the diagonal.
       for (int64_t q0 = (k0 / kBwdBlockQ) * kBwdBlockQ; q0 < T; q0 += kBwdBlockQ) {
         const int64_t nq = std::min(q0 + kBwdBlockQ, T) - q0;
-        const acc_t* qt = qh + q0 * D;
-        const acc_t* dot = doh + q0 * D;
+        const acc_t* qt = qh.row(q0);
+        const acc_t* dot = doh.row(q0);
         acc_t* p = buf.p.data();
         acc_t* dp = buf.dp.data();
-        gemm<acc_t>(false, true, nq, nk, D, scale, qt, D, kt, D, acc_t(0), p, nk);  // scaled scores
+        gemm<acc_t>(false, true, nq, nk, D, scale, qt, qh.ld, kt, kh.ld, acc_t(0), p, nk);  // scaled scores
         for (int64_t r = 0; r < nq; ++r) {
           acc_t* row = p + r * nk;
           const int64_t n_vis = visible_keys(q0 + r, k0, nk);
           exp_shifted_sum(row, n_vis, static_cast<acc_t>(lse_h[q0 + r]));  // P = exp(S - lse)
           std::fill(row + n_vis, row + nk, acc_t(0));
         }
-        gemm<acc_t>(true, false, nk, D, nq, acc_t(1), p, nk, dot, D, acc_t(1), dvt, D);  // dV += P^T dO
-        gemm<acc_t>(false, true, nq, nk, D, acc_t(1), dot, D, vt, D, acc_t(0), dp, nk);  // dP = dO V^T
+        gemm<acc_t>(true, false, nk, D, nq, acc_t(1), p, nk, dot, doh.ld, acc_t(1), dvt, dv_h.ld);  // dV += P^T dO
+        gemm<acc_t>(false, true, nq, nk, D, acc_t(1), dot, doh.ld, vt, vh.ld, acc_t(0), dp, nk);   // dP = dO V^T
         for (int64_t r = 0; r < nq; ++r) {  // dS = P * (dP - delta), in place of P
           using Vec = at::vec::Vectorized<acc_t>;
           const Vec dr(delta[q0 + r]);
           at::vec::map2([dr](Vec pv, Vec dpv) { return pv * (dpv - dr); }, p + r * nk, p + r * nk, dp + r * nk,
                         nk);
         }
-        gemm<acc_t>(false, false, nq, D, nk, scale, p, nk, kt, D, acc_t(1), dq_h + q0 * D, D);  // dQ += dS K
-        gemm<acc_t>(true, false, nk, D, nq, scale, p, nk, qt, D, acc_t(1), dkt, D);             // dK += dS^T Q
+        gemm<acc_t>(false, false, nq, D, nk, scale, p, nk, kt, kh.ld, acc_t(1), dq_h.row(q0), dq_h.ld);  // dQ += dS K
+        gemm<acc_t>(true, false, nk, D, nq, scale, p, nk, qt, qh.ld, acc_t(1), dkt, dk_h.ld);  // dK += dS^T Q
       }
     }
   });
@@ -321,16 +347,24 @@ Dims check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return s;
 }
 
+void check_scale(double scale) {
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "attention: scale must be finite and > 0, got ", scale);
+}
+
+// `t` itself when its features are contiguous (any batch, head and row strides), else a contiguous copy.
+at::Tensor rows_strided(const at::Tensor& t) { return t.stride(3) == 1 || t.size(3) == 1 ? t : t.contiguous(); }
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, double scale) {
   const Dims s = check_qkv(q_in, k_in, v_in);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  check_scale(scale);
+  const at::Tensor q = rows_strided(q_in), k = rows_strided(k_in), v = rows_strided(v_in);
+  at::Tensor out = at::empty_like(q);  // q's layout when q is dense (e.g. a (B, T, H, D) transpose view)
   at::Tensor lse = at::empty({s.batch, s.heads, s.seq}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_kernel<scalar_t, acc_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                                    v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+    forward_kernel<scalar_t, acc_t>(strided<const scalar_t>(q), strided<const scalar_t>(k),
+                                    strided<const scalar_t>(v), strided<scalar_t>(out),
                                     lse.mutable_data_ptr<float>(), s, static_cast<acc_t>(scale));
   });
   return {out, lse};
@@ -341,6 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
                                                                  const at::Tensor& v_in, const at::Tensor& out_in,
                                                                  const at::Tensor& lse_in, double scale) {
   const Dims s = check_qkv(q_in, k_in, v_in);
+  check_scale(scale);
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
               "attention_bwd: grad_out and out must have q's shape ", q_in.sizes(), ", got ", grad_out_in.sizes(),
               " and ", out_in.sizes());
@@ -353,30 +388,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
               s.batch, ", ", s.heads, ", ", s.seq, "), got ", lse_in.sizes());
   TORCH_CHECK(grad_out_in.device().is_cpu() && out_in.device().is_cpu() && lse_in.device().is_cpu(),
               "attention_bwd (CPU kernel): grad_out, out and lse must be CPU tensors");
-  const at::Tensor grad_out = grad_out_in.contiguous(), q = q_in.contiguous(), k = k_in.contiguous(),
-                   v = v_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  const at::Tensor grad_out = rows_strided(grad_out_in), q = rows_strided(q_in), k = rows_strided(k_in),
+                   v = rows_strided(v_in), out = rows_strided(out_in), lse = lse_in.contiguous();
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const bool direct_dq = q.scalar_type() == acc_type;
   const bool direct_dkv = direct_dq && s.group() == 1;
-  // acc-typed, one dk/dv per query head: already the outputs when no cast and no group sum is needed.
+  // Outputs in their input's layout. Without a cast or a group sum the kernel writes them directly; otherwise it
+  // writes acc-typed buffers (dk/dv: one per query head) that are cast / summed into them afterwards.
   const auto acc_opts = q.options().dtype(acc_type);
-  at::Tensor dq = at::empty(q.sizes(), acc_opts);
-  at::Tensor dk_heads = at::empty(q.sizes(), acc_opts);
-  at::Tensor dv_heads = at::empty(q.sizes(), acc_opts);
+  at::Tensor dq = direct_dq ? at::empty_like(q) : at::empty(q.sizes(), acc_opts);
+  at::Tensor dk_heads = direct_dkv ? at::empty_like(k) : at::empty(q.sizes(), acc_opts);
+  at::Tensor dv_heads = direct_dkv ? at::empty_like(v) : at::empty(q.sizes(), acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "attention_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    backward_kernel<scalar_t, acc_t>(grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
-                                     k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                                     out.const_data_ptr<scalar_t>(), lse.const_data_ptr<float>(),
-                                     dq.mutable_data_ptr<acc_t>(), dk_heads.mutable_data_ptr<acc_t>(),
-                                     dv_heads.mutable_data_ptr<acc_t>(), s, static_cast<acc_t>(scale));
+    backward_kernel<scalar_t, acc_t>(strided<const scalar_t>(grad_out), strided<const scalar_t>(q),
+                                     strided<const scalar_t>(k), strided<const scalar_t>(v),
+                                     strided<const scalar_t>(out), lse.const_data_ptr<float>(),
+                                     strided<acc_t>(dq), strided<acc_t>(dk_heads), strided<acc_t>(dv_heads), s,
+                                     static_cast<acc_t>(scale));
   });
-  if (!direct_dq) dq = dq.to(q.scalar_type());
+  if (!direct_dq) dq = at::empty_like(q).copy_(dq);
   if (direct_dkv) return {dq, dk_heads, dv_heads};
-  auto group_sum = [&](const at::Tensor& per_head) {
-    return per_head.view({s.batch, s.kv_heads, s.group(), s.seq, s.head_dim}).sum(2).to(q.scalar_type());
+  auto group_sum = [&](const at::Tensor& per_head, const at::Tensor& like) {
+    at::Tensor summed = at::empty_like(like);
+    const at::Tensor groups = per_head.view({s.batch, s.kv_heads, s.group(), s.seq, s.head_dim});
+    if (direct_dq) return at::sum_out(summed, groups, {2});  // no cast: sum straight into the output's layout
+    return summed.copy_(groups.sum(2));
   };
-  return {dq, group_sum(dk_heads), group_sum(dv_heads)};
+  return {dq, group_sum(dk_heads, k), group_sum(dv_heads, v)};
 }
 
 }  // namespace

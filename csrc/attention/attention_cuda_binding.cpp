@@ -1,4 +1,5 @@
 // CUDA implementations of `sslscale::attention_fwd` / `attention_bwd`: validation, allocation, stream, launch.
+// Operands are passed by strides (no copy of (B, T, H, D) views); outputs take the layout of their input.
 // Built only with a CUDA torch (setup.py); the kernels themselves live in attention_cuda.cu.
 
 #include <torch/library.h>
@@ -7,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cmath>
 #include <cstdint>
 #include <tuple>
 
@@ -16,20 +18,32 @@ namespace {
 
 namespace attn = sslscale::attention;
 
-constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kMaxBlocks = 2147483647;  // one-dimensional grids: gridDim.x
 
 attn::DType dtype_of(const at::Tensor& t) {
   return t.scalar_type() == at::kBFloat16 ? attn::DType::kBFloat16 : attn::DType::kFloat32;
 }
 
-// Contiguous and 16-byte aligned (the kernels copy rows with 16-byte vectors).
-at::Tensor packed(const at::Tensor& t) {
+attn::Operand operand_of(const at::Tensor& t) {
+  return attn::Operand{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// `t` itself when the kernels can read it in place (feature stride 1, 16-byte aligned data and strides: e.g. a
+// (B, T, H, D).transpose(1, 2) view), else a contiguous copy.
+at::Tensor readable(const at::Tensor& t) {
+  if (t.stride(3) == 1 && attn::operand_aligned(operand_of(t), dtype_of(t))) return t;
   at::Tensor c = t.contiguous();
-  if (reinterpret_cast<std::uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  if (!attn::operand_aligned(operand_of(c), dtype_of(c))) c = c.clone();  // an unaligned storage offset
   return c;
 }
 
-attn::Shape check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// An output in the layout of `like` (empty_like), or contiguous when that layout would not be aligned.
+at::Tensor output_like(const at::Tensor& like) {
+  at::Tensor out = at::empty_like(like);
+  return attn::operand_aligned(operand_of(out), dtype_of(out)) ? out : at::empty(like.sizes(), like.options());
+}
+
+attn::Shape check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), op, ": q, k, v must be CUDA tensors, got ", q.device(),
               ", ", k.device(), ", ", v.device());
   TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), op, ": q, k, v must be on one device, got ",
@@ -49,8 +63,10 @@ attn::Shape check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, 
   TORCH_CHECK(d == 32 || d == 64 || d == 128, op, ": head_dim=", d, " is not supported; expected 32, 64 or 128");
   TORCH_CHECK(hkv > 0 && h % hkv == 0, op, ": heads=", h, " must be a multiple of kv_heads=", hkv);
   TORCH_CHECK(t >= 1, op, ": sequence length T must be at least 1, got ", t);
-  TORCH_CHECK(b * h <= kMaxGridY, op, ": batch * heads = ", b * h, " exceeds the CUDA grid limit ", kMaxGridY);
   TORCH_CHECK(t <= INT32_MAX / 2, op, ": sequence length T=", t, " is too long for 32-bit row indices");
+  TORCH_CHECK(b * h * ((t + 15) / 16) <= kMaxBlocks, op, ": batch * heads * T/16 = ", b * h * ((t + 15) / 16),
+              " blocks exceed the CUDA grid limit ", kMaxBlocks);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be finite and > 0, got ", scale);
   return attn::Shape{static_cast<int>(b), static_cast<int>(h), static_cast<int>(hkv), static_cast<int>(t),
                      static_cast<int>(d)};
 }
@@ -62,13 +78,13 @@ void check_launch(const char* op, cudaError_t err) {
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                                  const at::Tensor& v_in, double scale) {
   const char* op = "sslscale::attention_fwd (CUDA)";
-  const attn::Shape s = check_qkv(op, q_in, k_in, v_in);
+  const attn::Shape s = check_qkv(op, q_in, k_in, v_in, scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = packed(q_in), k = packed(k_in), v = packed(v_in);
-  at::Tensor out = at::empty_like(q);
+  const at::Tensor q = readable(q_in), k = readable(k_in), v = readable(v_in);
+  at::Tensor out = output_like(q);
   at::Tensor lse = at::empty({s.batch, s.heads, s.seq_len}, q.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  check_launch(op, attn::attention_fwd_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+  check_launch(op, attn::attention_fwd_cuda(operand_of(q), operand_of(k), operand_of(v), operand_of(out),
                                             lse.data_ptr<float>(), s, static_cast<float>(scale), dtype_of(q),
                                             stream));
   return {out, lse};
@@ -79,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
                                                              const at::Tensor& out_in, const at::Tensor& lse_in,
                                                              double scale) {
   const char* op = "sslscale::attention_bwd (CUDA)";
-  const attn::Shape s = check_qkv(op, q_in, k_in, v_in);
+  const attn::Shape s = check_qkv(op, q_in, k_in, v_in, scale);
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), op,
               ": grad_out and out must have q's shape ", q_in.sizes(), ", got ", grad_out_in.sizes(), " and ",
               out_in.sizes());
@@ -95,15 +111,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
                   lse_in.device() == q_in.device(),
               op, ": grad_out, out and lse must be on q's device ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = packed(q_in), k = packed(k_in), v = packed(v_in);
-  const at::Tensor grad_out = packed(grad_out_in), out = packed(out_in), lse = lse_in.contiguous();
+  const at::Tensor q = readable(q_in), k = readable(k_in), v = readable(v_in);
+  const at::Tensor grad_out = readable(grad_out_in), out = readable(out_in), lse = lse_in.contiguous();
   at::Tensor delta = at::empty_like(lse);
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dq = output_like(q), dk = output_like(k), dv = output_like(v);
+  const size_t ws_bytes = attn::attention_bwd_workspace_bytes(s, dtype_of(q));
+  at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes / sizeof(float))}, q.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  check_launch(op, attn::attention_bwd_cuda(grad_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                            out.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(),
-                                            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), s,
-                                            static_cast<float>(scale), dtype_of(q), stream));
+  check_launch(op, attn::attention_bwd_cuda(operand_of(grad_out), operand_of(q), operand_of(k), operand_of(v),
+                                            operand_of(out), lse.data_ptr<float>(), delta.data_ptr<float>(),
+                                            ws_bytes ? workspace.data_ptr() : nullptr, operand_of(dq),
+                                            operand_of(dk), operand_of(dv), s, static_cast<float>(scale),
+                                            dtype_of(q), stream));
   return {dq, dk, dv};
 }
 

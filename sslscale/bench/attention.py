@@ -9,6 +9,12 @@ FLOPs are the useful causal work, counted alike for every implementation: the fo
 computes the full T x T square, is credited with the same count: the rate compares times, not implementations.
 The yardstick is a dense matmul measured in the same run.
 
+Layout: models hold q/k/v as (B, T, H, D) projections and attend over `.transpose(1, 2)` views. At one sequence
+length (`--layout-seq`, default the first) every fused backend is also timed the way a model calls it, from the
+(B, T, H, D) leaves to the (B, T, H * D) merged output and back: `NAME:view` hands the views over as they are (the
+fused backends read them in place and return out in the same layout), `NAME:copy` makes them contiguous first and
+the output contiguous after (what the op did before it took strides); `copy_cost` is copy time / view time - 1.
+
 The implementations are timed in interleaved rounds (one call of each per round, median over rounds), so load from
 other processes on a shared machine affects all of them alike. A reference whose materialised scores would not fit
 the memory budget runs on fewer sequences and its time and memory are scaled up linearly (column `ref_batch`).
@@ -45,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-dims", type=common.positive_ints, default=None,
                         help="head dims D (default: CPU 64, CUDA 64,128)")
     parser.add_argument("--repeat", type=int, default=None, help="timed rounds per case (median; default 3, quick 2)")
+    parser.add_argument("--layout-seq", type=int, default=None,
+                        help="T of the (B, T, H, D)-view vs copy comparison (default: the first T; 0: skip it)")
     parser.add_argument("--reference-budget-gib", type=float, default=8.0,
                         help="memory the CPU reference may use; beyond it it runs on fewer sequences, scaled up")
 
@@ -157,6 +165,47 @@ def _case(seq: int, head_dim: int, batch: int, heads: int, impls: dict[str, Atte
     return list(rows.values())
 
 
+def _layout_case(seq: int, head_dim: int, batch: int, heads: int, impls: dict[str, Attention], device, dtype,
+                 rounds: int) -> list[dict]:
+    """Each fused backend from (B, T, H, D) leaves to the merged (B, T, H * D) output: views vs copies."""
+    leaves = [torch.randn(batch, seq, heads, head_dim, dtype=dtype, device=device, requires_grad=True)
+              for _ in range(3)]
+    grad = torch.randn(batch, seq, heads * head_dim, dtype=dtype, device=device)
+
+    def model_step(attention, copy: bool):
+        def fwd():
+            views = [x.transpose(1, 2) for x in leaves]
+            if copy:
+                views = [v.contiguous() for v in views]
+            out = attention(*views).transpose(1, 2)
+            return (out.contiguous() if copy else out).reshape(batch, seq, heads * head_dim)
+
+        def forward():
+            with torch.no_grad():
+                return fwd()
+
+        return forward, lambda: torch.autograd.grad(fwd(), leaves, grad)
+
+    fused = [n for n in impls if n in ("cpp", "triton", "cuda")]
+    fwd_calls, fb_calls = {}, {}
+    for name in fused:
+        for mode in ("view", "copy"):
+            fwd_calls[f"{name}:{mode}"], fb_calls[f"{name}:{mode}"] = model_step(impls[name], mode == "copy")
+    for call in fb_calls.values():  # warm-up
+        call()
+    fwd_ms = _interleaved_ms(fwd_calls, device, rounds)
+    fb_ms = _interleaved_ms(fb_calls, device, rounds)
+    rows = []
+    for key in fwd_calls:
+        row = {"T": seq, "D": head_dim, "B": batch, "H": heads, "impl": key, "fwd_ms": fwd_ms[key], "fb_ms": fb_ms[key]}
+        if key.endswith(":copy"):
+            view = key.replace(":copy", ":view")
+            row["fwd_copy_cost"] = fwd_ms[key] / fwd_ms[view] - 1
+            row["fb_copy_cost"] = fb_ms[key] / fb_ms[view] - 1
+        rows.append(row)
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -190,6 +239,11 @@ def run(args: argparse.Namespace) -> int:
             if args.quick and on_cpu:
                 batch = args.batch or 2
             rows += _case(seq, head_dim, batch, heads, impls, args, device, dtype, rounds)
+    layout_seq = seqs[0] if args.layout_seq is None else args.layout_seq
+    layout = []
+    if layout_seq > 0:
+        batch = args.batch or (4 if on_cpu else max(1, 65536 // layout_seq))
+        layout = _layout_case(layout_seq, head_dims[-1], batch, heads, impls, device, dtype, rounds)
     for row in rows:
         for key in ("fwd_rate", "fb_rate"):
             if key in row:
@@ -200,8 +254,11 @@ def run(args: argparse.Namespace) -> int:
                               "note"])
     print("ms: median over interleaved rounds; *_vs_sdpa: time / SDPA's time (< 1 is faster); *_mib: peak extra "
           "memory; ref_batch: the reference ran on that many sequences, scaled up to B")
+    if layout:
+        print(f"\n(B, T, H, D) projections -> attention -> (B, T, H * D): views as they are vs copied (the old path)")
+        common.print_table(layout, ["T", "D", "B", "impl", "fwd_ms", "fb_ms", "fwd_copy_cost", "fb_copy_cost"])
     common.write_json(args.out, "attention", {
         "dtype": str(dtype), "heads": heads, "rounds": rounds, "matmul_rate": matmul / per, "rate_unit": unit,
-        "rows": rows,
+        "rows": rows, "layout": layout,
     })
     return 0

@@ -49,7 +49,7 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.sslscale.attention_bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
+    dq, dk, dv = torch.ops.sslscale.attention_bwd(grad_out, q, k, v, out, lse, ctx.scale)
     return dq, dk, dv, None
 
 

@@ -3,9 +3,18 @@
 Every fused backend runs the flash-attention algorithm: K/V tiles streamed against a Q tile with an online softmax,
 only the output and the per-row log-sum-exp kept by the forward, probabilities recomputed in the backward, and
 tiles entirely above the diagonal skipped. Extra memory is O(T * head_dim), never O(T^2).
+
+Layout: q, k, v are (B, H, T, D) tensors of any strides whose features are contiguous (stride 1) — in particular
+the `(B, T, H, D).transpose(1, 2)` views a model makes from its projections. The fused backends read them in place
+(no copy) and return the output and the gradients in the layout of the tensor they belong to (`torch.empty_like`):
+for such a view that is the same transposed layout, so `out.transpose(1, 2).reshape(B, T, H * D)` is free too.
+Inputs whose feature stride is not 1 are copied once.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -28,7 +37,7 @@ class _FusedAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.impl.attention_bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
+        dq, dk, dv = ctx.impl.attention_bwd(grad_out, q, k, v, out, lse, ctx.scale)
         return dq, dk, dv, None, None
 
 
@@ -62,6 +71,19 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError("sequence length T must be at least 1")
 
 
+def _check_scale(scale) -> float:
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a float, got a tensor of shape {tuple(scale.shape)}")
+        scale = scale.item()
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    value = float(scale)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scale must be finite and > 0, got {value}")
+    return value
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -72,9 +94,9 @@ def causal_attention(
 ) -> torch.Tensor:
     """Causal softmax(q k^T * scale) v; q (B, H, T, D), k and v (B, H_kv, T, D) with H % H_kv == 0."""
     _check_inputs(q, k, v)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = _check_scale(q.shape[-1] ** -0.5 if scale is None else scale)
     name = backends.resolve("attention", backend, q.device)
     if name == "reference":
         return reference.attention(q, k, v, scale)
     impl = backends.kernels("attention", name)
-    return _FusedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, impl)
+    return _FusedAttention.apply(q, k, v, scale, impl)

@@ -1,8 +1,15 @@
 """Which kernel backend computes an op: `reference`, `cpp`, `triton` or `cuda`.
 
 Every backend computes the same function as `sslscale.ops.reference`. The choice is, in order: the `backend=`
-argument, the `SSLSCALE_BACKEND` environment variable, then automatic (CUDA tensors: cuda > triton > reference;
-CPU tensors: cpp > reference). Triton runs on CPU tensors only in interpreter mode (`TRITON_INTERPRET=1` set
+argument, the `SSLSCALE_BACKEND` environment variable, then automatic (CUDA tensors: triton > cuda > reference;
+CPU tensors: cpp > reference).
+
+Why triton before cuda on GPUs (decided from static ceilings, `sslscale bench gpu-static`, until a device measures
+both): on Hopper the Triton kernels compile to warpgroup MMA (`wgmma` in their sm_90a PTX, every bf16 configuration)
+while the C++/CUDA kernels use `mma.sync` (HMMA in their SASS), whose ceiling on H100/H200 is about two thirds of the
+chip's bf16 peak (FlashAttention-3's measurement; FlashAttention-2, an mma.sync design like ours, reaches ~35 % of
+peak there). On Ampere both lower to mma.sync; the autotuned Triton configurations are kept first there too.
+`SSLSCALE_BACKEND=cuda` (or `backend="cuda"`) selects the CUDA kernels. Triton runs on CPU tensors only in interpreter mode (`TRITON_INTERPRET=1` set
 before `sslscale.kernels` is imported), which is how the tests exercise it without a GPU.
 """
 
@@ -93,7 +100,7 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
         if not avail.usable:
             raise RuntimeError(f"backend {requested!r} cannot run {op} here: {avail.reason}")
         return requested
-    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpp", "reference")
+    order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpp", "reference")
     for name in order:
         if availability(op, name, device).usable:
             return name
