@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sslscale.models import build_encoder
-from sslscale.objectives import Objective, build_objective
+from sslscale.objectives import Objective, StepContext, build_objective
 from sslscale.ops.reference import nt_xent
 
 
@@ -63,4 +63,4 @@ def test_objective_errors():
         obj({"view1": torch.rand(2, 1, 28, 28)})
     with pytest.raises(ValueError, match="temperature"):
         build_objective("simclr", _tiny_encoder(), temperature=0.0)
-    obj.on_after_step(1, 10)  # default hook exists and does nothing
+    obj.after_step(StepContext(step=1, total_steps=10, zero_stage=0, world_size=1, rank=0))  # default: nothing

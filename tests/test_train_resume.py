@@ -14,10 +14,11 @@ from tests import train_doubles as td
 K = 3
 
 
-def _config(tmp_path, name, stage):
+def _config(tmp_path, name, stage, callbacks=()):
     return td.write_config(tmp_path / f"{name}.yaml", td.config(
         tmp_path / name, **{"zero.stage": stage, "schedule.total_steps": 2 * K, "checkpoint.every": K,
-                            "probe.every": K, "probe.train_samples": 32, "probe.test_samples": 16}))
+                            "probe.every": K, "probe.train_samples": 32, "probe.test_samples": 16,
+                            "callbacks": list(callbacks)}))
 
 
 def _ok(results):
@@ -30,8 +31,8 @@ def _ok(results):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_sigkilled_run_resumes_bit_exactly(tmp_path, stage):
     straight = td.launch(_config(tmp_path, "straight", stage), 2)
-    killed = td.wait_all(td.launch(_config(tmp_path, "killed", stage), 2,
-                                   env={"SSLSCALE_TEST_SIGKILL_AFTER_STEP": str(K)}))
+    kill = [{"fn": "tests.train_doubles:SigkillAfterCheckpoint", "kwargs": {"step": K}}]
+    killed = td.wait_all(td.launch(_config(tmp_path, "killed", stage, callbacks=kill), 2))
     assert [rc for rc, _ in killed] == [-9, -9], killed[0][1][-3000:]
     ckpts = tmp_path / "killed" / "checkpoints"
     assert (ckpts / f"step{K:08d}" / "COMPLETE").is_file()
