@@ -7,7 +7,7 @@
   `load_state_dict`, epochs). The global batch of step t is the same whatever the world size: rank r of w takes
   rows [r*b, (r+1)*b) of it, so 1 rank x 2b and 2 ranks x b see the same data.
 - `SigkillAfterCheckpoint`: a loop callback that SIGKILLs its rank right after the checkpoint of a given step is
-  complete (the closest thing to a node dying between two steps).
+  complete (the closest thing to a node dying between two steps); `PreemptAfterStep` ends a run gracefully.
 The encoder and objective are named in configs by import path (`tests.train_doubles:TinyEncoder`), the stream and
 probe builders follow the config seam signatures (`sslscale.train.build`).
 """
@@ -32,6 +32,7 @@ class TinyEncoder(nn.Module):
     def __init__(self, hidden: int = 32, out_dim: int = 16) -> None:
         super().__init__()
         self.config = {"name": "tiny_mlp", "hidden": hidden, "out_dim": out_dim}
+        self.out_dim = out_dim
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +58,17 @@ class TinyObjective(Objective):
 
     def after_step(self, ctx: StepContext) -> None:
         self.after_step_calls += 1
+
+
+class PreemptAfterStep(Callback):
+    """Ends the run after `step` as a SIGTERM would (checkpoint, state "preempted"), without a signal."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, session, step: int, record) -> None:
+        if step == self.step:
+            session.preempted = True
 
 
 class SigkillAfterCheckpoint(Callback):
