@@ -1,8 +1,13 @@
+import copy
+import math
+
 import pytest
 import torch
 
 from sslscale.models import build_encoder
 from sslscale.objectives import Objective, StepContext, build_objective
+from sslscale.objectives.base import SetupContext
+from sslscale.objectives.momentum import MomentumTarget, cosine_momentum
 from sslscale.ops.reference import nt_xent
 
 
@@ -67,14 +72,6 @@ def test_objective_errors():
 
 
 # ---- the contract's defaults, BYOL, MoCo v2 and the momentum machinery ----
-
-import copy  # noqa: E402
-import math  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
-
-from sslscale.objectives.base import SetupContext  # noqa: E402
-from sslscale.objectives.momentum import MomentumTarget, cosine_momentum  # noqa: E402
 
 CTX = SetupContext(zero_stage=0, world_size=1, rank=0, dtype=torch.float32, device=torch.device("cpu"))
 

@@ -82,19 +82,25 @@ class LARS(torch.optim.Optimizer):
                     "know (see sslscale.train.lars.zero_layouts)")
             layout = PartitionLayout(1, ((0, 0, p.numel()),), None)
         w_flat, d_flat = p.view(-1), d.view(-1)
+        w_views = [w_flat.narrow(0, off, n) for _, off, n in layout.spans]
+        d_views = [d_flat.narrow(0, off, n) for _, off, n in layout.spans]
         sums = torch.zeros(2, layout.num_params, dtype=torch.float64, device=p.device)
-        if layout.spans:
-            index = torch.tensor([s[0] for s in layout.spans], device=p.device)
-            w_views = [w_flat.narrow(0, off, n) for _, off, n in layout.spans]
-            d_views = [d_flat.narrow(0, off, n) for _, off, n in layout.spans]
-            sums[0].index_add_(0, index, torch.stack([v.double().square().sum() for v in w_views]))
-            sums[1].index_add_(0, index, torch.stack([v.double().square().sum() for v in d_views]))
+        if layout.spans:  # this rank may hold no piece of the group (a tiny group on many ranks)
+            index = torch.tensor([i for i, _, _ in layout.spans], device=p.device)
+            sums[0].index_add_(0, index, torch.stack([_sq_norm(v) for v in w_views]))
+            sums[1].index_add_(0, index, torch.stack([_sq_norm(v) for v in d_views]))
         if layout.group is not None and dist.is_initialized() and dist.get_world_size(layout.group) > 1:
-            dist.all_reduce(sums, group=layout.group)
+            dist.all_reduce(sums, group=layout.group)  # every rank calls this: the sums are collective
         w_norm, d_norm = sums.sqrt()
         ratio = torch.where((w_norm > 0) & (d_norm > 0), eta * w_norm / d_norm, torch.ones_like(w_norm))
-        for (i, _, _), view in zip(layout.spans, d_views if layout.spans else []):
+        for (i, _, _), view in zip(layout.spans, d_views):
             view.mul_(ratio[i].to(view.dtype))
+
+
+def _sq_norm(v: torch.Tensor) -> torch.Tensor:
+    """Sum of squares accumulated in fp64 (pieces of one parameter are summed across ranks in another order than
+    the whole tensor would be; fp64 keeps that from showing)."""
+    return torch.linalg.vector_norm(v, dtype=torch.float64).square()
 
 
 def zero_layouts(engine) -> dict[int, PartitionLayout]:
