@@ -167,7 +167,9 @@ def _name(tp: Any) -> str:
 
 def hints(obj: Any) -> dict[str, Any]:
     """Resolved annotations (with `Annotated` metadata) of a dataclass, a class's `__init__` or a function."""
-    target = obj.__init__ if isinstance(obj, type) and not dataclasses.is_dataclass(obj) else obj
+    target: Any = obj
+    if isinstance(obj, type) and not dataclasses.is_dataclass(obj):
+        target = obj.__init__  # type: ignore[misc]
     return typing.get_type_hints(target, include_extras=True)
 
 
@@ -230,7 +232,7 @@ def check_kwargs(fn: Callable, kwargs: Any, prefix: str, skip: collections.abc.C
     return out
 
 
-def section_type(cls: type, name: str) -> Any:
+def section_type(cls: Any, name: str) -> Any:
     """The annotation of field `name` of dataclass `cls` with `Annotated` and `X | None` peeled off; None when
     `cls` has no such field."""
     if not dataclasses.is_dataclass(cls) or name not in {f.name for f in dataclasses.fields(cls)}:

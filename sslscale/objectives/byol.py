@@ -38,6 +38,7 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
 
 class BYOL(Objective):
     batch_keys = ("view1", "view2")
+    tau: torch.Tensor  # () buffer: the momentum of the last update
 
     def __init__(self, encoder: nn.Module, proj_hidden_dim: int = 512, proj_dim: int = 128,
                  pred_hidden_dim: int = 512, base_momentum: float = 0.99, final_momentum: float = 1.0,

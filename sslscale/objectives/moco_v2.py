@@ -45,6 +45,8 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 class MoCoV2(Objective):
     batch_keys = ("view1", "view2")
+    queue: torch.Tensor      # (queue_size, proj_dim) buffer
+    queue_ptr: torch.Tensor  # () long buffer: the next slot to overwrite
 
     def __init__(self, encoder: nn.Module, proj_hidden_dim: int = 512, proj_dim: int = 128, queue_size: int = 4096,
                  temperature: float = 0.2, momentum: float = 0.99) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ class MomentumTarget(nn.Module):
         if len(online) != len(target) or not online:
             raise ValueError(f"need as many target modules as online ones, got {list(online)} and {list(target)}")
         self.online_names, self.target_names = list(online), list(target)
-        self._pairs: list[tuple[str, nn.Parameter, nn.Parameter]] = []
+        self._pairs: list[tuple[str, Any, Any]] = []  # (name, online, target); Any: DeepSpeed adds ds_* attributes
         self._zero3 = False
         self._ready = False
 
@@ -79,7 +80,7 @@ class MomentumTarget(nn.Module):
             for j, piece in enumerate(pieces):
                 self.register_buffer(f"shadow_{i}_{j}", piece)
 
-    def _pieces(self, op: nn.Parameter, tp: nn.Parameter,
+    def _pieces(self, op: Any, tp: Any,
                 check_available: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(online piece, target piece) pairs this rank holds: the full tensors, or (ZeRO-3) the partitions + the
         full copies of persistent parameters when they have their own memory (with one rank, DeepSpeed's gathered
@@ -123,7 +124,7 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def _check_same_partition(name: str, online: nn.Parameter, target: nn.Parameter) -> None:
+def _check_same_partition(name: str, online: Any, target: Any) -> None:
     for attr in ("ds_numel", "ds_persist"):
         if getattr(online, attr) != getattr(target, attr):
             raise ValueError(f"{name}: ZeRO-3 partitioned the target unlike its online twin ({attr} "

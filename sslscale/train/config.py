@@ -88,7 +88,14 @@ def _data_section() -> type:
     return cls
 
 
-DataConfig = _data_section()
+if typing.TYPE_CHECKING:  # what the derived class holds, for type checkers (they cannot see make_dataclass)
+    @dataclass
+    class DataConfig(StreamSpec):
+        shards: str | list[str] = ""
+        builder: str = "sslscale.train.build:build_stream"
+        builder_kwargs: dict = field(default_factory=dict)
+else:
+    DataConfig = _data_section()
 
 
 def stream_spec(data: Any, seed: int) -> StreamSpec:
@@ -160,7 +167,7 @@ class CallbackConfig:
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    data: DataConfig = field(default_factory=DataConfig)  # type: ignore[valid-type]
+    data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
@@ -221,7 +228,7 @@ def apply_override(data: dict, assignment: str) -> None:
         value = float(value)
     parts = key.strip().split(".")
     tp: Any = PretrainConfig
-    node = data
+    node: dict = data
     for depth, part in enumerate(parts[:-1]):
         here = ".".join(parts[:depth + 1])
         if dataclasses.is_dataclass(tp):

@@ -22,6 +22,7 @@ ZeRO-0 = ZeRO-2 = ZeRO-3). A flat tensor without a layout is an error, never a s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,7 @@ class PartitionLayout:
 
     num_params: int                          # parameters of the group (the same list on every rank)
     spans: tuple[tuple[int, int, int], ...]  # (parameter index, offset in the flat tensor, length)
-    group: object = None                     # process group over which the pieces of a parameter are spread
+    group: Any = None                        # process group over which the pieces of a parameter are spread
 
 
 class LARS(torch.optim.Optimizer):

@@ -322,6 +322,7 @@ def _objective_metrics(metrics: dict) -> dict:
 
 def _probe(s: Session) -> float:
     """kNN accuracy of the encoder's features; every rank runs the same forwards (ZeRO-3 gathers collectively)."""
+    assert s.probe is not None
     bank_x, bank_y, query_x, query_y = s.probe
     encoder = s.engine.module.encoder
 
