@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("sslscale.info", "versions, kernel backends, CUDA/Triton status"),
     "shards": ("sslscale.data.shards", "write a source split as webdataset tar shards + manifest.json"),
     "bench": ("sslscale.bench.cli", "kernel, data and training benchmarks (table + JSON)"),
+    "config": ("sslscale.train.config", "validate a pretraining config and print it resolved (YAML)"),
     "pretrain": ("sslscale.train.pretrain", "self-supervised pretraining on DeepSpeed ZeRO (YAML config)"),
     "export": ("sslscale.train.export", "encoder weights of a run as safetensors (+ JSON sidecar)"),
     "evaluate": ("sslscale.adapt.evaluate", "linear-probe an exported encoder vs random init and raw pixels"),

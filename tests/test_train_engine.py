@@ -35,13 +35,13 @@ def _two_rank_scenarios(rank, world, tmp):
     """Several runs in one process group (process start-up dominates these tests)."""
     parity = _train(td.config(f"{tmp}/parity2", **{"data.batch_size": B, "objective.kwargs": {"noise": 0.0}}))
     skip = _train(td.config(f"{tmp}/skip", **{"schedule.total_steps": 4, "checkpoint.every": 1,
-                                              "checkpoint.keep_last": 10, "data.extra": {"poison_at": [2, 1]}}))
+                                              "checkpoint.keep_last": 10, "data.builder_kwargs": {"poison_at": [2, 1]}}))
     stop = _train(td.config(f"{tmp}/stop", **{"schedule.total_steps": 4, "nonfinite": "stop",
-                                              "data.extra": {"poison_at": [2, 1]}}))
+                                              "data.builder_kwargs": {"poison_at": [2, 1]}}))
     accum = _train(td.config(f"{tmp}/accum", **{"schedule.total_steps": 3, "grad_accum": 2, "zero.stage": 3,
-                                                "data.extra": {"poison_at": [3, 0]}}))
+                                                "data.builder_kwargs": {"poison_at": [3, 0]}}))
     skip3 = _train(td.config(f"{tmp}/skip3", **{"schedule.total_steps": 3, "zero.stage": 3,
-                                                "data.extra": {"poison_at": [1, 0]}}))
+                                                "data.builder_kwargs": {"poison_at": [1, 0]}}))
     bf16 = _train(td.config(f"{tmp}/bf16", **{"schedule.total_steps": 3, "precision": "bf16"}))
     return {"parity": parity, "skip": skip, "stop": stop, "accum": accum, "skip3": skip3, "bf16": bf16}
 
@@ -303,3 +303,18 @@ def test_export_without_a_complete_checkpoint_is_a_clear_error(tmp_path, capsys)
     assert "has no complete checkpoint to export" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "e.safetensors")]) == 2
     assert "has no config.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.dist
+def test_sslscale_config_prints_what_the_run_saved(runs, tmp_path, capsys):
+    from sslscale.cli import main
+
+    tmp, _, _ = runs
+    path = td.write_config(tmp_path / "c.yaml", td.config(f"{tmp}/stage0", **{"zero.stage": 0}))
+    capsys.readouterr()
+    assert main(["config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == (tmp / "stage0" / "config.yaml").read_text()
+    assert main(["config", str(path), "--get", "zero.stage"]) == 0 and capsys.readouterr().out == "0\n"
+    assert main(["config", str(path), "--set", "optimizer.lrr=1"]) == 2
+    assert "unknown key 'optimizer.lrr'; did you mean 'lr'?" in capsys.readouterr().err

@@ -6,15 +6,23 @@
 - `MemoryStream`: deterministic synthetic two-view images with the stream protocol (`state_dict` /
   `load_state_dict`, epochs). The global batch of step t is the same whatever the world size: rank r of w takes
   rows [r*b, (r+1)*b) of it, so 1 rank x 2b and 2 ranks x b see the same data.
-Builders follow the config seam signatures (`sslscale.train.build`).
+- `SigkillAfterCheckpoint`: a loop callback that SIGKILLs its rank right after the checkpoint of a given step is
+  complete (the closest thing to a node dying between two steps); `PreemptAfterStep` ends a run gracefully.
+The encoder and objective are named in configs by import path (`tests.train_doubles:TinyEncoder`), the stream and
+probe builders follow the config seam signatures (`sslscale.train.build`).
 """
 
 from __future__ import annotations
 
+import os
+import signal
+
 import torch
 import torch.nn as nn
 
+from sslscale.objectives.base import Objective, StepContext
 from sslscale.ops import infonce
+from sslscale.train.callbacks import Callback
 
 IMAGE = (1, 28, 28)
 CLASSES = 4
@@ -24,18 +32,18 @@ class TinyEncoder(nn.Module):
     def __init__(self, hidden: int = 32, out_dim: int = 16) -> None:
         super().__init__()
         self.config = {"name": "tiny_mlp", "hidden": hidden, "out_dim": out_dim}
+        self.out_dim = out_dim
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
-class TinyObjective(nn.Module):
+class TinyObjective(Objective):
     batch_keys = ("view1", "view2")
 
     def __init__(self, encoder: nn.Module, temperature: float = 0.2, noise: float = 0.05) -> None:
-        super().__init__()
-        self.encoder = encoder
+        super().__init__(encoder)
         self.temperature, self.noise = temperature, noise
         self.after_step_calls = 0
 
@@ -48,12 +56,28 @@ class TinyObjective(nn.Module):
             loss = loss * float("nan")
         return loss, {"loss": loss.detach(), "z_norm": z1.detach().norm(dim=1).mean()}
 
-    def on_after_step(self, step: int, total_steps: int) -> None:
+    def after_step(self, ctx: StepContext) -> None:
         self.after_step_calls += 1
 
 
-def build_objective(model_cfg, objective_cfg) -> nn.Module:
-    return TinyObjective(TinyEncoder(**model_cfg.encoder_kwargs), **objective_cfg.kwargs)
+class PreemptAfterStep(Callback):
+    """Ends the run after `step` as a SIGTERM would (checkpoint, state "preempted"), without a signal."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, session, step: int, record) -> None:
+        if step == self.step:
+            session.preempted = True
+
+
+class SigkillAfterCheckpoint(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_checkpoint(self, session, step: int, path) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _images(indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +124,9 @@ class MemoryStream:
         self.epoch, self.batch = self.epoch + 1, 0
 
 
-def build_stream(data_cfg, seed: int, rank: int, world_size: int) -> MemoryStream:
-    return MemoryStream(data_cfg.batch_size, rank, world_size, seed, **data_cfg.extra)
+def build_stream(data_cfg, seed: int, rank: int, world_size: int, size: int = 256,
+                 poison_at: list[int] | None = None) -> MemoryStream:
+    return MemoryStream(data_cfg.batch_size, rank, world_size, seed, size=size, poison_at=poison_at)
 
 
 def build_probe_data(probe_cfg, data_cfg, seed: int):
@@ -114,8 +139,8 @@ def build_probe_data(probe_cfg, data_cfg, seed: int):
 def config(run_dir, **overrides) -> dict:
     """A tiny config dict for these doubles (dotted keys in `overrides`)."""
     cfg = {
-        "model": {"builder": "tests.train_doubles:build_objective", "encoder": "tiny_mlp"},
-        "objective": {"name": "tiny_infonce"},
+        "model": {"encoder": "tests.train_doubles:TinyEncoder"},
+        "objective": {"name": "tests.train_doubles:TinyObjective"},
         "data": {"builder": "tests.train_doubles:build_stream", "batch_size": 8},
         "optimizer": {"lr": 1e-2, "weight_decay": 0.01},
         "schedule": {"total_steps": 6, "warmup_steps": 2},

@@ -154,18 +154,19 @@ def _plain_loop(cfg, steps: int) -> dict:
     import torch.distributed as dist
 
     from sslscale.train.build import load_callable
-    from sslscale.train.engine import lr_lambda, param_groups
-    from sslscale.train.pretrain import _batches, _seed_all
+    from sslscale.train.engine import lr_lambda
+    from sslscale.train.optim import build_optimizer
+    from sslscale.train.pretrain import batches_forever, seed_all
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    _seed_all(cfg.seed)
+    seed_all(cfg.seed)
     model = load_callable(cfg.model.builder, "model.builder")(cfg.model, cfg.objective)
-    stream = load_callable(cfg.data.builder, "data.builder")(cfg.data, cfg.seed, rank, world)
+    stream = load_callable(cfg.data.builder, "data.builder")(cfg.data, cfg.seed, rank, world,
+                                                             **cfg.data.builder_kwargs)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
-                                  betas=cfg.optimizer.betas, eps=cfg.optimizer.eps)
+    optimizer = build_optimizer(cfg.optimizer, model.param_groups())
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    batches = _batches(stream)
+    batches = batches_forever(stream)
     times = []
     for i in range(2 * steps):
         start = time.perf_counter()

@@ -30,7 +30,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -55,8 +55,8 @@ class StreamSpec:
     batch_size: int = 256
     num_workers: int = 2
     seed: int = 0
-    mode: str = "epoch"  # "epoch" | "resampled"
-    corrupt: str = "skip"  # "skip" | "fail"
+    mode: Literal["epoch", "resampled"] = "epoch"
+    corrupt: Literal["skip", "fail"] = "skip"
     shuffle: bool = True  # shard order and within-shard sample order
     batches_per_epoch: int | None = None  # resampled mode only: batches per rank per epoch (None = endless)
     # vision

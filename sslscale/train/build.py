@@ -1,75 +1,116 @@
 """The seam between the engine and the rest of sslscale: the one place where the objective, the data stream and the
-probe's labelled slice are built from the config.
+probe's labelled slice are built from the config, and where the config's component kwargs are checked against
+the constructors they will be passed to (`check_components`, called by `config.load`).
 
-Each is named in the config as "module:function" (`model.builder`, `data.builder`, `probe.builder`), defaulting
-to the functions below, which use `sslscale.models`, `sslscale.objectives` and `sslscale.data`. Another builder
-(a test double, a new data source) plugs in without touching the engine.
+Each builder is named in the config as "module:function" (`model.builder`, `data.builder`, `probe.builder`),
+defaulting to the functions below, which use `sslscale.models`, `sslscale.objectives` and `sslscale.data`. Another
+builder (a test double, a new data source) plugs in without touching the engine; a data builder's extra keyword
+arguments come from `data.builder_kwargs`, checked against its signature. Encoders and objectives are named by
+registry name or, for code outside the registries, by "package.module:Class".
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
-from typing import Any, Callable
+import inspect
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from sslscale.train.config import DataConfig, ModelConfig, ObjectiveConfig, ProbeConfig
+from sslscale.schema import ConfigError, check_kwargs
+from sslscale.train.config import PretrainConfig, ProbeConfig, stream_spec
+
+# A data builder is called as fn(data, seed, rank, world_size, **data.builder_kwargs).
+_DATA_BUILDER_ARGS = 4
 
 
 def load_callable(spec: str, key: str) -> Callable:
-    """The function named by "package.module:function" (`key` names the config entry in errors)."""
-    module_name, sep, attr = spec.partition(":")
+    """The object named by "package.module:attribute" (`key` names the config entry in errors)."""
+    module_name, sep, attr = str(spec).partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"{key}={spec!r}: expected 'package.module:function'")
+        raise ConfigError(f"{key}={spec!r}: expected 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"{key}={spec!r}: cannot import {module_name!r} ({err})") from err
+        raise ConfigError(f"{key}={spec!r}: cannot import {module_name!r} ({err})") from err
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"{key}={spec!r}: {module_name} has no function {attr!r}")
+        near = difflib.get_close_matches(attr, [n for n in dir(module) if not n.startswith("_")], n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"{key}={spec!r}: {module_name} has no callable {attr!r}{hint}")
     return fn
 
 
-def build_objective(model: ModelConfig, objective: ObjectiveConfig) -> torch.nn.Module:
-    """Encoder from `sslscale.models`, wrapped by the objective from `sslscale.objectives`."""
-    from sslscale.models import build_encoder, build_head
-    from sslscale.objectives import build_objective as make
+def encoder_factory(name: str) -> Callable[..., torch.nn.Module]:
+    """The encoder class of a registry name (`sslscale.models.ENCODERS`) or of "package.module:Class"."""
+    from sslscale.models import ENCODERS
 
-    encoder = build_encoder(model.encoder, **model.encoder_kwargs)
-    kwargs = dict(objective.kwargs)
-    if model.head is None:  # the objective builds its own head (e.g. SimCLR's projector from objective.kwargs)
-        return make(objective.name, encoder, **kwargs)
-    kwargs["head"] = build_head(model.head, encoder.out_dim, **model.head_kwargs)
+    if name in ENCODERS:
+        return ENCODERS[name]
+    if ":" in name:
+        return load_callable(name, "model.encoder")
+    near = difflib.get_close_matches(name, ENCODERS, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    raise ConfigError(f"model.encoder: unknown encoder {name!r}{hint}; expected one of {sorted(ENCODERS)} "
+                      "or 'package.module:Class'")
+
+
+def objective_factory(name: str) -> type:
+    from sslscale.objectives import objective_class
+
     try:
-        return make(objective.name, encoder, **kwargs)
-    except TypeError as err:
-        if "head" not in str(err):
-            raise
-        raise ValueError(f"objective {objective.name!r} does not take a head (model.head={model.head!r}); set "
-                         "model.head: null and configure its projection through objective.kwargs") from err
+        return objective_class(name)
+    except ValueError as err:
+        raise ConfigError(f"objective.name: {err}") from err
 
 
-def build_stream(data: DataConfig, seed: int, rank: int, world_size: int) -> Any:
+def check_components(cfg: PretrainConfig) -> PretrainConfig:
+    """`cfg` with every component's kwargs checked (and coerced) against the signature that will receive them."""
+    for key, spec in (("model.builder", cfg.model.builder), ("probe.builder", cfg.probe.builder)):
+        load_callable(spec, key)
+    encoder_kwargs = check_kwargs(encoder_factory(cfg.model.encoder), cfg.model.encoder_kwargs,
+                                  "model.encoder_kwargs.")
+    objective_kwargs = check_kwargs(objective_factory(cfg.objective.name), cfg.objective.kwargs,
+                                    "objective.kwargs.", skip=("encoder",))
+    data_builder = load_callable(cfg.data.builder, "data.builder")
+    supplied = list(inspect.signature(data_builder).parameters)[:_DATA_BUILDER_ARGS]
+    builder_kwargs = check_kwargs(data_builder, cfg.data.builder_kwargs, "data.builder_kwargs.", skip=supplied)
+    callbacks = []
+    for i, cb in enumerate(cfg.callbacks):
+        factory = load_callable(cb.fn, f"callbacks[{i}].fn")
+        callbacks.append(dataclasses.replace(cb, kwargs=check_kwargs(factory, cb.kwargs, f"callbacks[{i}].kwargs.")))
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, encoder_kwargs=encoder_kwargs),
+        objective=dataclasses.replace(cfg.objective, kwargs=objective_kwargs),
+        data=dataclasses.replace(cfg.data, builder_kwargs=builder_kwargs), callbacks=callbacks)
+
+
+def build_objective(model: Any, objective: Any) -> torch.nn.Module:
+    """Encoder (`model.encoder` + `model.encoder_kwargs`) wrapped by the objective (`objective.name` + kwargs)."""
+    encoder = encoder_factory(model.encoder)(**model.encoder_kwargs)
+    return objective_factory(objective.name)(encoder, **objective.kwargs)
+
+
+def build_stream(data: Any, seed: int, rank: int, world_size: int) -> Any:
     """This rank's batch stream (`sslscale.data`); it carries `state_dict`/`load_state_dict` for exact resume."""
-    from sslscale.data import StreamSpec
     from sslscale.data import build_stream as make
 
-    spec = StreamSpec(shards=data.shards, pipeline=data.pipeline, batch_size=data.batch_size,
-                      num_workers=data.num_workers, seed=seed, mode=data.mode, corrupt=data.corrupt, **data.extra)
-    return make(spec, rank=rank, world_size=world_size)
+    return make(stream_spec(data, seed), rank=rank, world_size=world_size)
 
 
-def build_probe_data(probe: ProbeConfig, data: DataConfig, seed: int) -> tuple[torch.Tensor, ...]:
+def build_probe_data(probe: ProbeConfig, data: Any, seed: int) -> tuple[torch.Tensor, ...]:
     """(bank_x, bank_y, query_x, query_y): the first train_samples + test_samples labelled samples of the slice.
 
-    Every rank builds the same slice (rank 0 of a 1-rank stream), so the probe forward is collective-safe under
-    ZeRO-3."""
-    from sslscale.data import StreamSpec
+    The slice is read with the training stream's settings (image size, preprocessing) but the probe's shards and
+    pipeline, one reader, in order of the epoch. Every rank builds the same slice (rank 0 of a 1-rank stream), so
+    the probe forward is collective-safe under ZeRO-3."""
     from sslscale.data import build_stream as make
 
-    spec = StreamSpec(shards=probe.shards or data.shards, pipeline=probe.pipeline, batch_size=256, num_workers=0,
-                      seed=seed, mode="epoch", corrupt=data.corrupt)
+    spec = dataclasses.replace(stream_spec(data, seed), shards=probe.shards or data.shards, pipeline=probe.pipeline,
+                               batch_size=256, num_workers=0, mode="epoch", batches_per_epoch=None)
     need = probe.train_samples + probe.test_samples
     xs, ys, have = [], [], 0
     for batch in make(spec, rank=0, world_size=1):

@@ -1,96 +1,166 @@
-"""The pretraining config: a typed schema (dataclasses), loaded from YAML with `--set a.b=c` overrides.
+"""The pretraining config: typed sections (dataclasses), loaded from YAML with `--set a.b.c=v` overrides.
 
-Every key is checked: an unknown key is an error naming the nearest valid one, a value of the wrong type or
-outside its allowed set is an error naming the key, the value and what was expected. The resolved config (after
-overrides) is what the run saves as `RUN_DIR/config.yaml`, so a run can be reproduced and exported from it alone.
+Everything is checked when the config is loaded, before any process group starts (`sslscale.schema`):
+- the sections below, field by field;
+- `data`: exactly the fields of `sslscale.data.StreamSpec` (nested groups such as `data.augment` included), minus
+  `seed` (the run's top-level `seed` sets it), plus the seam keys `builder` / `builder_kwargs`. The section's type
+  is derived from StreamSpec, so a field added there is a config key here with no change;
+- the component kwargs, against the constructor signatures they are passed to: `model.encoder_kwargs` (the
+  encoder), `objective.kwargs` (the objective), `data.builder_kwargs` (the data builder), `callbacks[i].kwargs`
+  (`sslscale.train.build.check_components`).
+An unknown key anywhere is an error naming the nearest valid one; a bad value names key, value and expectation.
+
+The resolved config (after overrides) is what a run saves as `RUN_DIR/config.yaml` and what `sslscale config`
+prints (`render`), so a run can be reproduced and exported from it alone.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import difflib
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
+
+from sslscale.data.stream import StreamSpec
+from sslscale.schema import (
+    Check,
+    ConfigError,
+    at_least,
+    between,
+    build,
+    check_retired,
+    greater_than,
+    is_section,
+    one_of,
+    plain,
+    section_type,
+)
+
+__all__ = ["CallbackConfig", "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig",
+           "ObjectiveConfig", "OptimizerConfig", "PretrainConfig", "ProbeConfig", "ScheduleConfig", "ZeroConfig",
+           "apply_override", "dump", "from_dict", "load", "render", "stream_spec", "to_dict"]
 
 
 @dataclass
 class ModelConfig:
-    encoder: str = "convnet_small"           # name in sslscale.models' registry
-    encoder_kwargs: dict = field(default_factory=dict)
-    head: str | None = None                  # head name for objectives taking `head=` (None: the objective's own)
-    head_kwargs: dict = field(default_factory=dict)
+    encoder: str = "convnet_small"           # sslscale.models registry name, or "package.module:Class"
+    encoder_kwargs: dict = field(default_factory=dict)  # checked against the encoder's constructor
     activation_checkpointing: bool = False   # recompute activations in backward (models that support it)
     builder: str = "sslscale.train.build:build_objective"  # "module:function" -> the Objective (the seam)
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "simclr"
-    kwargs: dict = field(default_factory=dict)
+    name: str = "simclr"                     # sslscale.objectives registry name, or "package.module:Class"
+    kwargs: dict = field(default_factory=dict)  # checked against the objective's constructor
 
 
-@dataclass
-class DataConfig:
-    shards: str = ""                          # shard directory or manifest.json written by `sslscale shards`
-    pipeline: str = "simclr"
-    batch_size: int = 256                     # micro-batch per rank
-    num_workers: int = 0
-    mode: Literal["epoch", "resampled"] = "epoch"
-    corrupt: Literal["skip", "fail"] = "skip"
-    extra: dict = field(default_factory=dict)  # further StreamSpec fields, passed through
-    builder: str = "sslscale.train.build:build_stream"
+# StreamSpec fields the run sets itself rather than the data section.
+_RUN_OWNED_STREAM_FIELDS = ("seed",)
+
+
+def _data_section() -> type:
+    """The `data` section: StreamSpec's fields (same types, same defaults; `shards` defaults to "" so that a
+    config without data still loads) minus the run-owned ones, plus the seam keys."""
+    types_ = typing.get_type_hints(StreamSpec, include_extras=True)
+    fields: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(StreamSpec):
+        if f.name in _RUN_OWNED_STREAM_FIELDS:
+            continue
+        if f.default is not dataclasses.MISSING:
+            spec = field(default=f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            spec = field(default_factory=f.default_factory)
+        else:
+            spec = field(default="")  # required in StreamSpec (only `shards`): checked when the stream is built
+        fields.append((f.name, types_[f.name], spec))
+    fields.append(("builder", str, field(default="sslscale.train.build:build_stream")))
+    fields.append(("builder_kwargs", dict, field(default_factory=dict)))
+    cls = dataclasses.make_dataclass("DataConfig", fields)
+    cls.__module__ = __name__  # picklable and named like the other sections
+    cls.__doc__ = ("The training stream: `sslscale.data.StreamSpec` fields (minus `seed`), plus `builder` "
+                   "('module:function' building the stream) and `builder_kwargs` (its extra arguments).")
+    return cls
+
+
+if typing.TYPE_CHECKING:  # what the derived class holds, for type checkers (they cannot see make_dataclass)
+    @dataclass
+    class DataConfig(StreamSpec):
+        shards: str | list[str] = ""
+        builder: str = "sslscale.train.build:build_stream"
+        builder_kwargs: dict = field(default_factory=dict)
+else:
+    DataConfig = _data_section()
+
+
+def stream_spec(data: Any, seed: int) -> StreamSpec:
+    """The StreamSpec a `data` section describes, with the run's seed."""
+    names = [f.name for f in dataclasses.fields(StreamSpec) if f.name not in _RUN_OWNED_STREAM_FIELDS]
+    return StreamSpec(**{name: getattr(data, name) for name in names}, seed=seed)
+
+
+_UNIT = Check(lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 1e-3                         # peak learning rate (after warmup)
-    weight_decay: float = 1e-4               # not applied to biases and norm weights (1-D parameters)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    name: Literal["adamw", "sgd", "lars"] = "adamw"  # client torch optimizers: no DeepSpeed JIT build
+    lr: Annotated[float, greater_than(0)] = 1e-3     # peak learning rate (after warmup)
+    weight_decay: Annotated[float, at_least(0)] = 1e-4  # not applied to biases, norms, embeddings the objective names
+    betas: tuple[Annotated[float, _UNIT], Annotated[float, _UNIT]] = (0.9, 0.999)  # adamw
+    eps: Annotated[float, greater_than(0)] = 1e-8    # adamw
+    momentum: Annotated[float, _UNIT] = 0.9          # sgd, lars
+    nesterov: bool = False                           # sgd
+    trust_coefficient: Annotated[float, greater_than(0)] = 1e-3  # lars: eta in eta * ||w|| / ||g + wd * w||
 
 
 @dataclass
 class ScheduleConfig:
-    total_steps: int = 1000                  # optimizer steps of the whole run
-    warmup_steps: int = 100                  # linear warmup from lr/warmup_steps to lr
-    min_lr_ratio: float = 0.0                # cosine decays to lr * min_lr_ratio at total_steps
+    total_steps: Annotated[int, at_least(1)] = 1000   # optimizer steps of the whole run
+    warmup_steps: Annotated[int, at_least(0)] = 100   # linear warmup from lr/warmup_steps to lr
+    min_lr_ratio: Annotated[float, between(0, 1)] = 0.0  # cosine decays to lr * min_lr_ratio at total_steps
 
 
 @dataclass
 class ZeroConfig:
-    stage: int = 2                           # 0 (plain data parallel), 1, 2 or 3
+    stage: Annotated[int, one_of(0, 1, 2, 3)] = 2    # 0 (plain data parallel), 1, 2 or 3
     config: str | None = None                # optional DeepSpeed JSON (configs/deepspeed/zeroN.json) as the base
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500                         # save every N optimizer steps (and always at the end)
-    keep_last: int = 3                       # complete checkpoints kept; older ones are pruned
+    every: Annotated[int, at_least(1)] = 500     # save every N optimizer steps (and always at the end)
+    keep_last: Annotated[int, at_least(1)] = 3   # complete checkpoints kept; older ones are pruned
 
 
 @dataclass
 class LoggingConfig:
-    every: int = 10                          # one JSON line every N steps
+    every: Annotated[int, at_least(1)] = 10  # one JSON line every N steps
     tensorboard: bool = False                # needs the tensorboard package; off with a note when missing
     progress: bool = True                    # tqdm progress bar, on interactive terminals only
 
 
 @dataclass
 class ProbeConfig:
-    every: int = 0                           # kNN probe every N steps (0: off)
+    every: Annotated[int, at_least(0)] = 0   # kNN probe every N steps (0: off)
     shards: str = ""                         # labelled shards for the probe ("" : data.shards)
     pipeline: str = "labeled"                # a pipeline yielding `input_key` and "label"
     input_key: str = "image"
-    train_samples: int = 2000                # memory bank (first samples of the slice)
-    test_samples: int = 1000                 # queries (the next samples)
-    k: int = 20
+    train_samples: Annotated[int, at_least(1)] = 2000  # memory bank (first samples of the slice)
+    test_samples: Annotated[int, at_least(1)] = 1000   # queries (the next samples)
+    k: Annotated[int, at_least(1)] = 20
     builder: str = "sslscale.train.build:build_probe_data"
+
+
+@dataclass
+class CallbackConfig:
+    fn: str = ""                             # "package.module:Factory" returning a sslscale.train.callbacks.Callback
+    kwargs: dict = field(default_factory=dict)  # checked against the factory's signature
 
 
 @dataclass
@@ -104,128 +174,52 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    callbacks: list[CallbackConfig] = field(default_factory=list)  # loop hooks (tests use them; none by default)
     precision: Literal["fp32", "bf16"] = "fp32"
-    grad_clip: float = 1.0                   # max global gradient norm (0: off)
-    grad_accum: int = 1                      # micro-batches per optimizer step
-    nonfinite: Literal["skip", "stop"] = "skip"  # on a NaN/inf loss on any rank
-    watchdog_s: float = 600.0                # report a rank with no step progress for this long (0: off)
+    grad_clip: Annotated[float, at_least(0)] = 1.0   # max global gradient norm (0: off)
+    grad_accum: Annotated[int, at_least(1)] = 1      # micro-batches per optimizer step
+    nonfinite: Literal["skip", "stop"] = "skip"      # on a NaN/inf loss on any rank
+    watchdog_s: Annotated[float, at_least(0)] = 600.0  # report a rank with no step progress for this long (0: off)
     run_dir: str = "runs/pretrain"
     seed: int = 0
 
 
-class ConfigError(ValueError):
-    """A config key or value that does not fit the schema."""
-
-
-_CHECKS: dict[str, tuple[Any, str]] = {
-    "zero.stage": (lambda v: v in (0, 1, 2, 3), "one of 0, 1, 2, 3"),
-    "data.batch_size": (lambda v: v >= 1, ">= 1"),
-    "data.num_workers": (lambda v: v >= 0, ">= 0"),
-    "optimizer.lr": (lambda v: v > 0, "> 0"),
-    "optimizer.weight_decay": (lambda v: v >= 0, ">= 0"),
-    "optimizer.betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-    "schedule.total_steps": (lambda v: v >= 1, ">= 1"),
-    "schedule.warmup_steps": (lambda v: v >= 0, ">= 0"),
-    "schedule.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "checkpoint.every": (lambda v: v >= 1, ">= 1"),
-    "checkpoint.keep_last": (lambda v: v >= 1, ">= 1"),
-    "logging.every": (lambda v: v >= 1, ">= 1"),
-    "probe.every": (lambda v: v >= 0, ">= 0"),
-    "probe.k": (lambda v: v >= 1, ">= 1"),
-    "grad_clip": (lambda v: v >= 0, ">= 0"),
-    "grad_accum": (lambda v: v >= 1, ">= 1"),
-    "watchdog_s": (lambda v: v >= 0, ">= 0"),
+# Keys that existed once: what to write instead.
+RETIRED = {
+    "model.head": "objectives build their own heads; configure them through objective.kwargs "
+                  "(e.g. proj_hidden_dim / proj_dim for simclr)",
+    "model.head_kwargs": "objectives build their own heads; configure them through objective.kwargs",
+    "data.extra": "StreamSpec fields are data keys themselves now (e.g. data.augment.crop_scale, "
+                  "data.image_size); options of a custom data.builder go in data.builder_kwargs",
+    "data.seed": "the stream is seeded by the top-level `seed`",
+    "optimizer.type": "use optimizer.name (adamw | sgd | lars)",
 }
 
 
-def _nearest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """`value` checked against the annotation `tp` (ints accepted for floats, lists for tuples)."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {tp}")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not allowed; expected one of {list(allowed)}")
-        return value
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {tp} for {key}")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "the config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"unknown key '{prefix}{key}'{_nearest(str(key), names)}")
-    values = {}
-    for name in names:
-        if name not in data:
-            continue
-        tp, key = hints[name], prefix + name
-        if dataclasses.is_dataclass(tp):
-            values[name] = _build(tp, data[name], key + ".")
-        else:
-            values[name] = _coerce(data[name], tp, key)
-            check = _CHECKS.get(key)
-            if check and not check[0](values[name]):
-                raise ConfigError(f"{key}: {values[name]!r} is out of range; expected {check[1]}")
-    return cls(**values)
-
-
 def from_dict(data: dict) -> PretrainConfig:
-    cfg = _build(PretrainConfig, data, "")
+    """The validated config of a plain mapping (YAML as loaded, overrides applied)."""
+    check_retired(data, RETIRED)
+    cfg = build(PretrainConfig, data, "")
     if cfg.schedule.warmup_steps > cfg.schedule.total_steps:
         raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds "
                           f"schedule.total_steps={cfg.schedule.total_steps}")
-    return cfg
+    if cfg.optimizer.name == "lars" and cfg.precision == "bf16" and cfg.zero.stage == 0:
+        raise ConfigError("optimizer.name=lars with precision=bf16 needs zero.stage 1, 2 or 3 (at stage 0 DeepSpeed's "
+                          "bf16 optimizer flattens the parameters in a layout LARS does not read)")
+    try:
+        stream_spec(cfg.data, cfg.seed)  # StreamSpec's own value checks
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from err
+    from sslscale.train.build import check_components  # imports the registries; after the cheap checks
+
+    return check_components(cfg)
 
 
 def apply_override(data: dict, assignment: str) -> None:
-    """Apply one `a.b.c=value` (value parsed as YAML: 3 -> int, 1e-3 -> float, [1,2] -> list, null -> None)."""
+    """Apply one `a.b.c=value` (value parsed as YAML: 3 -> int, 1e-3 -> float, [1,2] -> list, null -> None).
+
+    The path is walked through the schema while it names sections (dataclass fields), then freely into mapping
+    keys (kwargs dicts); every key is validated afterwards by `from_dict`, with the same messages as YAML keys."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optimizer.lr=3e-4")
     key, raw = assignment.split("=", 1)
@@ -233,27 +227,22 @@ def apply_override(data: dict, assignment: str) -> None:
     if isinstance(value, str) and _looks_numeric(value):  # YAML 1.1 reads "1e-3" as a string
         value = float(value)
     parts = key.strip().split(".")
-    cls: Any = PretrainConfig
-    node = data
-    for depth, part in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else None
-        if names is not None and part not in names:
-            prefix = ".".join(parts[:depth])
-            raise ConfigError(f"--set: unknown key '{key}'{_nearest(part, names)}"
-                              + (f" (under '{prefix}')" if prefix else ""))
-        if depth == len(parts) - 1:
-            node[part] = value
-            return
-        hint = typing.get_type_hints(cls)[part] if names is not None else dict
-        if hint is dict:
-            cls = dict
-        elif dataclasses.is_dataclass(hint):
-            cls = hint
-        else:
-            raise ConfigError(f"--set: '{'.'.join(parts[:depth + 1])}' is a value, not a section")
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set: '{'.'.join(parts[:depth + 1])}' is not a mapping in the config file")
+    tp: Any = PretrainConfig
+    node: dict = data
+    for depth, part in enumerate(parts[:-1]):
+        here = ".".join(parts[:depth + 1])
+        if dataclasses.is_dataclass(tp):
+            field_tp = section_type(tp, part)
+            if field_tp is not None and not is_section(field_tp):
+                raise ConfigError(f"--set: '{here}' is a value, not a section")
+            tp = field_tp if field_tp is not None else dict  # unknown: from_dict names the nearest key
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set: '{here}' is not a mapping in the config file (it is {child!r})")
+        node = child
+    node[parts[-1]] = value
 
 
 def _looks_numeric(text: str) -> bool:
@@ -264,7 +253,7 @@ def _looks_numeric(text: str) -> bool:
     return True
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
     """The config at `path` (YAML; None: defaults) with `--set` overrides applied, validated."""
     data: dict = {}
     if path is not None:
@@ -278,52 +267,58 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
 
 
 def to_dict(cfg: PretrainConfig) -> dict:
-    def plain(v):
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [plain(x) for x in v]
-        return v
+    return plain(cfg)
 
-    return plain(dataclasses.asdict(cfg))
+
+def render(cfg: PretrainConfig) -> str:
+    """The resolved config as YAML: what `RUN_DIR/config.yaml` holds and `sslscale config` prints."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def dump(cfg: PretrainConfig, path: str | Path) -> None:
     """Write the resolved config atomically (what export and resumes read back)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.write_text(render(cfg))
     tmp.replace(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m sslscale.train.config CONFIG [--set k=v ...] [--get a.b]`: validate, print the resolved config
-    (YAML) or one value of it — what launch scripts use to find e.g. the run directory."""
-    import argparse
+# ---- `sslscale config CONFIG [--set k=v ...] [--get a.b]` ----
 
-    parser = argparse.ArgumentParser(prog="python -m sslscale.train.config", description=main.__doc__)
-    parser.add_argument("config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--get", default=None, help="dotted key to print, e.g. run_dir")
-    args, _ = parser.parse_known_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="pretraining YAML (see configs/pretrain/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set optimizer.lr=3e-4 (repeatable)")
+    parser.add_argument("--get", default=None, metavar="KEY", help="print one value only, e.g. --get run_dir")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate the config and print it resolved (the same YAML a run saves as RUN_DIR/config.yaml)."""
     try:
         cfg = load(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as err:
-        print(f"config: {err}", file=sys.stderr)
+        print(f"sslscale config: {err}", file=sys.stderr)
         return 2
     if args.get is None:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(render(cfg), end="")
         return 0
     value: Any = to_dict(cfg)
     for part in args.get.split("."):
         if not isinstance(value, dict) or part not in value:
-            print(f"config: no key {args.get!r}", file=sys.stderr)
+            print(f"sslscale config: no key {args.get!r}", file=sys.stderr)
             return 2
         value = value[part]
     print(value)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sslscale.train.config CONFIG [--set k=v ...] [--get a.b]` (what launch scripts call; the same
+    as `sslscale config`)."""
+    parser = argparse.ArgumentParser(prog="python -m sslscale.train.config", description=run.__doc__)
+    add_arguments(parser)
+    args, _ = parser.parse_known_args(argv)
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """DeepSpeed set-up from the sslscale config: ZeRO stage 0-3, fp32 or bf16, gradient clipping, gradient
-accumulation, AdamW and a warmup + cosine learning rate — the same on CPU (gloo) and GPU (nccl).
+accumulation, the configured optimizer (`sslscale.train.optim`) over the objective's parameter groups, and a
+warmup + cosine learning rate — the same on CPU (gloo) and GPU (nccl).
 
-The optimizer is a client `torch.optim.AdamW` (no weight decay on 1-D parameters) rather than DeepSpeed's
-`FusedAdam`, so nothing is JIT-compiled on first use; on CPU the shared-memory comm op build is skipped too.
+The optimizer is a client torch optimizer (AdamW, SGD or LARS) rather than DeepSpeed's `FusedAdam`, so nothing is
+JIT-compiled on first use; on CPU the shared-memory comm op build is skipped too. The objective's untrained modules
+(EMA targets) are frozen before DeepSpeed wraps the module, and its `setup` hook runs right after.
 
 Contrastive batches under accumulation: every micro-batch is its own forward with its own InfoNCE over the
 *global* micro-batch (its rows against the micro-batch of every rank, gathered); the step's loss is the mean over
@@ -26,7 +28,10 @@ from typing import Any
 
 import torch
 
+from sslscale.objectives.base import Objective, SetupContext, freeze
 from sslscale.train.config import PretrainConfig
+from sslscale.train.lars import LARS, zero_layouts
+from sslscale.train.optim import build_optimizer, check_param_groups
 
 # Keys the sslscale config owns; a DeepSpeed JSON that sets them would silently disagree with it.
 _OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -87,26 +92,27 @@ def lr_lambda(cfg: PretrainConfig):
     return factor
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and kernels only; biases and norm scales (1-D) are not decayed."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def initialize(cfg: PretrainConfig, model: torch.nn.Module, world_size: int):
-    """`deepspeed.initialize` with the client AdamW and LR schedule; returns the engine."""
+def initialize(cfg: PretrainConfig, objective: Objective, world_size: int):
+    """`deepspeed.initialize` with the configured optimizer over `objective.param_groups()` and the LR schedule;
+    then `objective.setup(...)`. Returns the engine."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
-                                  betas=cfg.optimizer.betas, eps=cfg.optimizer.eps)
+    untrained = objective.untrained_modules()
+    for module in untrained.values():
+        freeze(module)
+    groups = objective.param_groups()
+    check_param_groups(objective, groups, untrained)
+    optimizer = build_optimizer(cfg.optimizer, groups)
     schedule = lr_lambda(cfg)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size),
+        model=objective, optimizer=optimizer, config=deepspeed_config(cfg, world_size),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    if isinstance(optimizer, LARS) and cfg.zero.stage > 0:
+        optimizer.attach_layouts(zero_layouts(engine))
+    param = next(objective.parameters())
+    objective.setup(SetupContext(zero_stage=cfg.zero.stage, world_size=world_size,
+                                 rank=torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
+                                 dtype=param.dtype, device=param.device))
     return engine
 
 

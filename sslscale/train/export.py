@@ -1,10 +1,15 @@
-"""`sslscale export RUN_DIR --out FILE.safetensors`: the encoder of a run, consolidated from any ZeRO stage.
+"""`sslscale export RUN_DIR --out FILE.safetensors`: the exported modules of a run, consolidated from any ZeRO stage.
 
 Stage 1-3 checkpoints hold the fp32 master weights partitioned over ranks; DeepSpeed's
 `get_fp32_state_dict_from_zero_checkpoint` reassembles them. Stage 0 keeps the whole model in
-`mp_rank_00_model_states.pt['module']`. The objective's `encoder.` prefix is stripped, so the file holds PLAIN
-encoder keys and loads with `safetensors.torch.load_file` + the model class. Metadata key "sslscale" (and the
-sidecar FILE.json) hold {"encoder": encoder config, "objective": ..., "step": ..., "run_dir": ...}.
+`mp_rank_00_model_states.pt['module']`.
+
+What is written is the objective's `export_modules` (recorded in RUN_DIR/model.json when the run starts; default
+the encoder alone: EMA targets, predictors, projectors, queues and classifiers are training-only). With the encoder
+alone its `encoder.` prefix is stripped, so the file holds PLAIN encoder keys and loads with
+`sslscale.models.load_encoder` (what `sslscale evaluate` reads). An objective exporting more modules (a GPT with its
+head, say) keeps each key's module prefix. Metadata key "sslscale" (and the sidecar FILE.json) hold
+{"encoder": encoder config, "objective": ..., "modules": [...], "step": ..., "run_dir": ...}.
 """
 
 from __future__ import annotations
@@ -15,11 +20,10 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from sslscale.train import checkpoint
-from sslscale.train import config as config_mod
-
-PREFIX = "encoder."
+from sslscale.train.config import ZeroConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,14 +53,25 @@ def consolidated_state_dict(ckpt: Path, stage: int) -> dict[str, torch.Tensor]:
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
 
 
-def encoder_state_dict(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys under `encoder.` with the prefix removed, as contiguous tensors that own their memory."""
-    out = {k[len(PREFIX):]: v.detach().contiguous().clone() for k, v in full.items() if k.startswith(PREFIX)}
+def exported_state_dict(full: dict[str, torch.Tensor], modules: list[str]) -> dict[str, torch.Tensor]:
+    """The keys of `modules` as contiguous tensors that own their memory; the prefix is stripped when the only
+    module is the encoder (the plain encoder file format)."""
+    strip = modules == ["encoder"]
+    out = {}
+    for module in modules:
+        prefix = module + "."
+        out.update({(k[len(prefix):] if strip else k): v.detach().contiguous().clone()
+                    for k, v in full.items() if k.startswith(prefix)})
     if not out:
         sample = ", ".join(list(full)[:5])
-        raise ValueError(f"no '{PREFIX}*' parameters in the checkpoint (keys start: {sample}); is the trained "
-                         "module an Objective with an `.encoder`?")
+        raise ValueError(f"no parameters of {modules} in the checkpoint (keys start: {sample}); is the trained "
+                         "module an Objective with those submodules?")
     return out
+
+
+def encoder_state_dict(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys under `encoder.` with the prefix removed."""
+    return exported_state_dict(full, ["encoder"])
 
 
 def export(run_dir: str | Path, out: str | Path, which: str = "auto") -> dict:
@@ -66,14 +81,19 @@ def export(run_dir: str | Path, out: str | Path, which: str = "auto") -> dict:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml; is it a run directory of `sslscale pretrain`?")
-    cfg = config_mod.load(cfg_path)
+    # Only the ZeRO stage is needed: read it without re-validating the whole config (whose builders and
+    # components may not be importable where the export runs).
+    raw = yaml.safe_load(cfg_path.read_text()) or {}
+    stage = (raw.get("zero") or {}).get("stage", ZeroConfig().stage)
     ckpt = checkpoint.resolve_resume(which, run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to export")
-    weights = encoder_state_dict(consolidated_state_dict(ckpt, cfg.zero.stage))
     model_meta = json.loads((run_dir / "model.json").read_text()) if (run_dir / "model.json").is_file() else {}
+    modules = list(model_meta.get("export_modules", ["encoder"]))
+    weights = exported_state_dict(consolidated_state_dict(ckpt, stage), modules)
     step = json.loads((ckpt / checkpoint.MARKER).read_text())["step"]
-    meta = {"encoder": model_meta.get("encoder"), "objective": model_meta.get("objective"), "step": step,
+    meta = {"encoder": model_meta.get("encoder"), "objective": model_meta.get("objective"), "modules": modules,
+            "step": step,
             "run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name, "tensors": len(weights)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -1,44 +1,43 @@
-"""`sslscale pretrain CONFIG.yaml [--set key=value ...] [--resume auto|PATH]`: the training loop.
+"""`sslscale pretrain CONFIG.yaml [--set key=value ...] [--resume auto|PATH]`: set-up, one step, and the loop.
 
-One optimizer step = `grad_accum` micro-batches. Per micro-batch, one small all-reduce carries the loss, every
-rank's non-finite flag and every rank's stop request, so all ranks take the same decision before any backward:
-- a non-finite loss anywhere -> `nonfinite: stop` ends the run with a message naming the step and ranks;
-  `nonfinite: skip` drops it on every rank (counted): with grad_accum = 1 the whole optimizer step is skipped
-  (no backward, no `engine.step`: parameters, optimizer moments and LR schedule untouched); with grad_accum > 1 the
-  micro-batch contributes an exact zero gradient (a zero-weighted backward of the last finite micro-batch, so that
-  DeepSpeed's accumulation and ZeRO reductions stay in step on all ranks) and the step goes ahead.
-- a SIGTERM/SIGUSR1 on any rank -> all ranks finish the step, checkpoint, write RUN_DIR/status.json with state
-  "preempted", and exit 0 (the SLURM launcher requeues on that state).
+- `set_up(cfg, resume)` -> `Session`: process group, run directory, objective, stream, probe slice, DeepSpeed
+  engine, checkpoint restore, monitors, callbacks.
+- `train_step(session)`: one optimizer step = `grad_accum` micro-batches. After each micro-batch's forward, one
+  small all-reduce (`step_policy.Agreement`) gives every rank the same mean loss, non-finite ranks and stop
+  requests before any backward, and `step_policy.NonFinitePolicy` decides (skip the step, zero-gradient
+  micro-batch, or stop). Then `objective.after_step(...)` (EMA targets, queues).
+- `train_loop(session)`: steps until `schedule.total_steps` or a stop request, with logging, the kNN probe,
+  checkpoints and callbacks. A SIGTERM/SIGUSR1 on any rank -> all ranks finish the step, checkpoint, write
+  RUN_DIR/status.json with state "preempted", and exit 0 (the SLURM launcher requeues on that state).
+- `pretrain(cfg, resume)`: the three in order, returns the run summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import signal
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from sslscale.objectives.base import Objective, StepContext
 from sslscale.train import checkpoint
 from sslscale.train import config as config_mod
 from sslscale.train.build import load_callable
+from sslscale.train.callbacks import Callback
 from sslscale.train.config import PretrainConfig
 from sslscale.train.monitor import Monitor, Throughput, batch_tokens, features, knn_accuracy, memory_bytes
 from sslscale.train.signals import StopRequest, Watchdog
+from sslscale.train.step_policy import Agreement, NonFinitePolicy, TrainingStopped
 
-# Test hook (used by the reliability tests only): every rank SIGKILLs itself right after the checkpoint of this
-# step is complete — the closest thing to a node dying between two steps.
-_KILL_AFTER = "SSLSCALE_TEST_SIGKILL_AFTER_STEP"
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (non-finite loss under `nonfinite: stop`)."""
+__all__ = ["Session", "TrainingStopped", "add_arguments", "batches_forever", "pretrain", "run", "seed_all",
+           "set_up", "train_loop", "train_step"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seed_all(seed: int) -> None:
+def seed_all(seed: int) -> None:
     import random
 
     import numpy as np
@@ -79,7 +78,7 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
@@ -90,7 +89,7 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
-def _batches(stream):
+def batches_forever(stream) -> Iterator[dict]:
     """Endless batches: a new pass over the stream each time one ends (the stream counts its epochs)."""
     while True:
         empty = True
@@ -114,12 +113,46 @@ def _broadcast(obj):
     return holder[0]
 
 
-def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
-    """Train per `cfg` on the process group described by the environment (initialised here if needed)."""
+@dataclass
+class Session:
+    """Everything set-up builds for the loop, and the loop's counters (what a checkpoint carries)."""
+
+    cfg: PretrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    run_dir: Path
+    launcher: str
+    engine: Any
+    objective: Objective
+    stream: Any
+    batches: Iterator[dict]
+    probe: tuple[torch.Tensor, ...] | None
+    stop: StopRequest
+    agree: Agreement
+    policy: NonFinitePolicy
+    watchdog: Watchdog
+    monitor: Monitor
+    callbacks: list[Callback]
+    window: Throughput = field(default_factory=Throughput)
+    step: int = 0
+    samples: int = 0
+    last_loss: float = float("nan")
+    last_metrics: dict = field(default_factory=dict)
+    preempted: bool = False
+    saved_at: int = -1
+
+    def close(self) -> None:
+        self.watchdog.close()
+        self.monitor.close()
+
+
+def set_up(cfg: PretrainConfig, resume: str | None, stop: StopRequest) -> Session:
+    """Process group, run directory, model, data, engine, restored state: a Session ready for `train_loop`."""
     from sslscale.distributed.env import init_process_group
     from sslscale.train.engine import initialize, prepare_runtime, set_activation_checkpointing
 
-    stop = StopRequest()  # first, so that a preemption during start-up is graceful too
     device_type = prepare_runtime()
     info = init_process_group(device_type)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -131,110 +164,147 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
         config_mod.dump(cfg, run_dir / "config.yaml")
     dist.barrier()
 
-    _seed_all(cfg.seed)  # identical initial weights on every rank
+    seed_all(cfg.seed)  # identical initial weights on every rank
     objective = load_callable(cfg.model.builder, "model.builder")(cfg.model, cfg.objective)
+    if not isinstance(objective, Objective):
+        raise TypeError(f"model.builder={cfg.model.builder} returned a {type(objective).__name__}, not an "
+                        "sslscale.objectives.Objective")
     set_activation_checkpointing(objective.encoder, cfg.model.activation_checkpointing)
-    stream = load_callable(cfg.data.builder, "data.builder")(cfg.data, cfg.seed, rank, world)
+    stream = load_callable(cfg.data.builder, "data.builder")(cfg.data, cfg.seed, rank, world,
+                                                             **cfg.data.builder_kwargs)
     probe = None
     if cfg.probe.every:
         probe = load_callable(cfg.probe.builder, "probe.builder")(cfg.probe, cfg.data, cfg.seed)
     if rank == 0:
         meta = {"encoder": getattr(objective.encoder, "config", None),
-                "objective": {"name": cfg.objective.name, **cfg.objective.kwargs}}
+                "objective": {"name": cfg.objective.name, **cfg.objective.kwargs},
+                "export_modules": list(objective.export_modules)}
         (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
     engine = initialize(cfg, objective, world)
-    _seed_all(cfg.seed + 1 + rank)  # augmentation and dropout randomness differs across ranks
+    seed_all(cfg.seed + 1 + rank)  # augmentation and dropout randomness differs across ranks
 
-    step, samples, skipped = 0, 0, 0
+    policy = NonFinitePolicy(cfg.nonfinite, cfg.grad_accum)
+    step, samples = 0, 0
     ckpt = _broadcast(str(checkpoint.resolve_resume(resume, run_dir) or "") if rank == 0 else None)
     if ckpt:
         shared, mine = checkpoint.load(engine, Path(ckpt))
-        step, samples, skipped = shared["step"], shared["samples"], shared["nonfinite_skipped"]
+        step, samples, policy.skipped = shared["step"], shared["samples"], shared["nonfinite_skipped"]
         checkpoint.restore_rng(mine["rng"])
         stream.load_state_dict(mine["stream"])
         if rank == 0:
             print(f"[sslscale] resumed from {ckpt} at step {step}", file=sys.stderr, flush=True)
 
-    total, gas = cfg.schedule.total_steps, cfg.grad_accum
-    kill_after = int(os.environ.get(_KILL_AFTER, "-1"))
-    watchdog = Watchdog(cfg.watchdog_s, rank)
-    monitor = Monitor(run_dir, rank, total, cfg.logging.tensorboard, cfg.logging.progress, start_step=step)
+    callbacks = [load_callable(cb.fn, f"callbacks[{i}].fn")(**cb.kwargs) for i, cb in enumerate(cfg.callbacks)]
+    for i, cb in enumerate(callbacks):
+        if not isinstance(cb, Callback):
+            raise TypeError(f"callbacks[{i}].fn={cfg.callbacks[i].fn} made a {type(cb).__name__}, not a "
+                            "sslscale.train.callbacks.Callback")
+    monitor = Monitor(run_dir, rank, cfg.schedule.total_steps, cfg.logging.tensorboard, cfg.logging.progress,
+                      start_step=step)
     if rank == 0:
         _write_status(run_dir, "running", step)
-    batches = _batches(stream)
-    agree = Agreement(world, device)
-    window = Throughput()
-    last_loss, last_good, preempted, saved_at = float("nan"), None, False, -1
+    return Session(cfg=cfg, rank=rank, world=world, device=device, dtype=dtype, run_dir=run_dir,
+                   launcher=info.source, engine=engine, objective=objective, stream=stream,
+                   batches=batches_forever(stream), probe=probe, stop=stop, agree=Agreement(world, device),
+                   policy=policy, watchdog=Watchdog(cfg.watchdog_s, rank), monitor=monitor, callbacks=callbacks,
+                   step=step, samples=samples)
+
+
+def train_step(s: Session) -> None:
+    """One optimizer step (grad_accum micro-batches) and the objective's after-step hook; updates the counters."""
+    cfg, engine = s.cfg, s.engine
+    t0 = time.perf_counter()
+    lr = engine.get_lr()[0]  # the rate this step uses
+    losses: list[float] = []
+    forwards: list[bool] = []
+    last_good = None
+    metrics: dict = {}
+    for micro in range(cfg.grad_accum):
+        batch = to_device(next(s.batches), s.device, s.dtype)
+        loss, metrics = engine(batch)
+        loss_mean, stop_any, bad = s.agree(float(loss.detach()), s.stop.requested, s.rank)
+        s.preempted = s.preempted or stop_any
+        action = s.policy.decide(bad, s.step + 1, micro, have_finite=last_good is not None)
+        forwards.append(action == "ok")
+        if action == "skip_step":
+            continue  # no backward, no engine.step: the optimizer step is skipped on every rank
+        if action == "zero_grad":
+            loss, _ = engine(last_good)
+            forwards.append(False)
+            loss = loss * 0.0
+        else:
+            losses.append(loss_mean)
+            if cfg.grad_accum > 1:
+                last_good = batch
+        engine.backward(loss)
+        engine.step()
+        tokens = batch_tokens(batch)
+        s.window.add(cfg.data.batch_size * s.world, None if tokens is None else tokens * s.world)
+    s.step += 1
+    s.objective.after_step(StepContext(step=s.step, total_steps=cfg.schedule.total_steps,
+                                       zero_stage=cfg.zero.stage, world_size=s.world, rank=s.rank,
+                                       skipped=not losses, forwards=tuple(forwards)))
+    s.samples += cfg.data.batch_size * cfg.grad_accum * s.world
+    s.window.tick(time.perf_counter() - t0)
+    if losses:
+        s.last_loss = sum(losses) / len(losses)
+    s.last_metrics = {"lr": lr, **_objective_metrics(metrics)}
+
+
+def train_loop(s: Session) -> None:
+    """Steps until total_steps or a stop request: log, probe, checkpoint, callbacks."""
+    cfg, total = s.cfg, s.cfg.schedule.total_steps
+    while s.step < total and not s.preempted:
+        train_step(s)
+        step = s.step
+        s.watchdog.beat(step)
+        s.monitor.advance()
+        record = None
+        if step % cfg.logging.every == 0 or step == total:
+            metrics = dict(s.last_metrics)
+            record = {"step": step, "loss": s.last_loss, "lr": metrics.pop("lr"), **s.window.rates(),
+                      "samples": s.samples, "nonfinite_skipped": s.policy.skipped,
+                      "memory_bytes": memory_bytes(s.device), **metrics}
+        if s.probe is not None and (step % cfg.probe.every == 0 or step == total):
+            record = record or {"step": step}
+            record["probe_acc"] = _probe(s)
+        if record is not None:
+            s.monitor.log(record)
+        if step % cfg.checkpoint.every == 0 or step == total or s.preempted:
+            per_rank = {"rng": checkpoint.capture_rng(), "stream": s.stream.state_dict()}
+            path = checkpoint.save(s.engine, s.run_dir, step,
+                                   {"samples": s.samples, "nonfinite_skipped": s.policy.skipped}, per_rank,
+                                   cfg.checkpoint.keep_last)
+            s.saved_at = step
+            s.watchdog.beat(step)
+            for cb in s.callbacks:
+                cb.on_checkpoint(s, step, path)
+        for cb in s.callbacks:
+            cb.on_step_end(s, step, record)
+
+
+def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
+    """Train per `cfg` on the process group described by the environment (initialised here if needed)."""
+    stop = StopRequest()  # first, so that a preemption during start-up is graceful too
+    session = None
     try:
-        while step < total and not preempted:
-            t0 = time.perf_counter()
-            lr = engine.get_lr()[0]  # the rate this step uses
-            losses = []
-            for micro in range(gas):
-                batch = _to_device(next(batches), device, dtype)
-                loss, metrics = engine(batch)
-                loss_mean, stop_any, bad = agree(float(loss.detach()), stop.requested, rank)
-                preempted = preempted or stop_any
-                if bad:
-                    if cfg.nonfinite == "stop":
-                        raise TrainingStopped(f"non-finite loss at step {step + 1} (micro-batch {micro}) on "
-                                              f"rank(s) {bad}; set nonfinite: skip to drop such steps")
-                    skipped += 1
-                    if gas == 1:
-                        continue  # no backward, no engine.step: the optimizer step is skipped on every rank
-                    if last_good is None:
-                        raise TrainingStopped(f"non-finite loss at step {step + 1} before any finite "
-                                              "micro-batch; nothing to take a zero-gradient step from")
-                    loss, _ = engine(last_good)
-                    loss = loss * 0.0
-                else:
-                    losses.append(loss_mean)
-                    if gas > 1:
-                        last_good = batch
-                engine.backward(loss)
-                engine.step()
-                tokens = batch_tokens(batch)
-                window.add(cfg.data.batch_size * world, None if tokens is None else tokens * world)
-            if losses and hasattr(engine.module, "on_after_step"):
-                engine.module.on_after_step(step, total)
-            step += 1
-            samples += cfg.data.batch_size * gas * world
-            window.tick(time.perf_counter() - t0)
-            if losses:
-                last_loss = sum(losses) / len(losses)
-            watchdog.beat(step)
-            monitor.advance()
-            record = None
-            if step % cfg.logging.every == 0 or step == total:
-                record = {"step": step, "loss": last_loss, "lr": lr, **window.rates(), "samples": samples,
-                          "nonfinite_skipped": skipped, "memory_bytes": memory_bytes(device),
-                          **_objective_metrics(metrics)}
-            if probe is not None and (step % cfg.probe.every == 0 or step == total):
-                record = record or {"step": step}
-                record["probe_acc"] = _probe(engine, probe, cfg, device, dtype)
-            if record is not None:
-                monitor.log(record)
-            if step % cfg.checkpoint.every == 0 or step == total or preempted:
-                per_rank = {"rng": checkpoint.capture_rng(), "stream": stream.state_dict()}
-                checkpoint.save(engine, run_dir, step, {"samples": samples, "nonfinite_skipped": skipped},
-                                per_rank, cfg.checkpoint.keep_last)
-                saved_at = step
-                watchdog.beat(step)
-                if step == kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
+        session = set_up(cfg, resume, stop)
+        train_loop(session)
     finally:
-        watchdog.close()
-        monitor.close()
+        if session is not None:
+            session.close()
         stop.restore()
-    state = "preempted" if preempted and step < total else "finished"
-    if rank == 0:
-        _write_status(run_dir, state, step)
-        if preempted:
-            print(f"[sslscale] stop requested (signal); checkpointed step {saved_at} and exiting",
+    s = session
+    state = "preempted" if s.preempted and s.step < cfg.schedule.total_steps else "finished"
+    if s.rank == 0:
+        _write_status(s.run_dir, state, s.step)
+        if s.preempted:
+            print(f"[sslscale] stop requested (signal); checkpointed step {s.saved_at} and exiting",
                   file=sys.stderr, flush=True)
-    return {"rank": rank, "step": step, "loss": last_loss, "samples": samples, "nonfinite_skipped": skipped,
-            "state": state, "checkpoint": str(checkpoint.root(run_dir) / checkpoint.tag_for(saved_at))
-            if saved_at >= 0 else None, "launcher": info.source}
+    return {"rank": s.rank, "step": s.step, "loss": s.last_loss, "samples": s.samples,
+            "nonfinite_skipped": s.policy.skipped, "state": state,
+            "checkpoint": str(checkpoint.root(s.run_dir) / checkpoint.tag_for(s.saved_at))
+            if s.saved_at >= 0 else None, "launcher": s.launcher}
 
 
 def _objective_metrics(metrics: dict) -> dict:
@@ -250,34 +320,16 @@ def _objective_metrics(metrics: dict) -> dict:
     return out
 
 
-class Agreement:
-    """One all-reduce per micro-batch that gives every rank the same view: the mean finite loss over ranks, whether
-    any rank was asked to stop, and which ranks saw a non-finite loss."""
-
-    def __init__(self, world: int, device: torch.device) -> None:
-        self.world = world
-        self.flags = torch.zeros(2 + world, dtype=torch.float64, device=device)
-
-    def __call__(self, loss: float, stop_requested: bool, rank: int) -> tuple[float, bool, list[int]]:
-        finite = math.isfinite(loss)
-        self.flags.zero_()
-        self.flags[0] = loss if finite else 0.0
-        self.flags[1] = float(stop_requested)
-        self.flags[2 + rank] = float(not finite)
-        if self.world > 1:  # one process: nothing to agree on
-            dist.all_reduce(self.flags)
-        values = self.flags.tolist()
-        return values[0] / self.world, values[1] > 0, [r for r in range(self.world) if values[2 + r] > 0]
-
-
-def _probe(engine, probe, cfg: PretrainConfig, device: torch.device, dtype: torch.dtype) -> float:
+def _probe(s: Session) -> float:
     """kNN accuracy of the encoder's features; every rank runs the same forwards (ZeRO-3 gathers collectively)."""
-    bank_x, bank_y, query_x, query_y = probe
-    encoder = engine.module.encoder
+    assert s.probe is not None
+    bank_x, bank_y, query_x, query_y = s.probe
+    encoder = s.engine.module.encoder
 
     def cast(x: torch.Tensor) -> torch.Tensor:
-        return x.to(device, dtype)
+        return x.to(s.device, s.dtype)
 
     bank = features(encoder, bank_x, cast=cast)
     query = features(encoder, query_x, cast=cast)
-    return knn_accuracy(bank, bank_y, query, query_y, k=cfg.probe.k)
+    return knn_accuracy(bank, bank_y, query, query_y, k=s.cfg.probe.k)
+

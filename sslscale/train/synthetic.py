@@ -3,7 +3,8 @@
 A few batches of random images are made once and served in turn, so the loader costs nothing and every layout
 (world size, ZeRO stage, plain PyTorch loop) sees the same tensors. It follows the stream protocol
 (`state_dict`/`load_state_dict`), so checkpoints and resume work with it too. Plug in with
-`data.builder: sslscale.train.synthetic:build_stream`; `data.extra` may set image_shape, pool, batches_per_epoch, classes (other keys are ignored).
+`data.builder: sslscale.train.synthetic:build_stream`; `data.builder_kwargs` may set image_shape, pool,
+batches_per_epoch, classes (checked against `build_stream`'s signature when the config loads).
 """
 
 from __future__ import annotations
@@ -35,12 +36,8 @@ class SyntheticStream:
         self.epoch, self.batch = self.epoch + 1, 0
 
 
-_OWN_KEYS = ("image_shape", "pool", "batches_per_epoch", "classes")
-
-
-def build_stream(data, seed: int, rank: int, world_size: int) -> SyntheticStream:
-    # Only the synthetic stream's own options apply; a recipe's real-stream options (augment, ...) are moot here.
-    extra = {k: v for k, v in data.extra.items() if k in _OWN_KEYS}
-    if "image_shape" in extra:
-        extra["image_shape"] = tuple(extra["image_shape"])
-    return SyntheticStream(data.batch_size, rank, seed, **extra)
+def build_stream(data, seed: int, rank: int, world_size: int, image_shape: tuple[int, int, int] = (1, 28, 28),
+                 pool: int = 4, batches_per_epoch: int = 1000, classes: int = 10) -> SyntheticStream:
+    """Only `data.batch_size` of the data section applies; a recipe's real-stream options (augment, ...) are moot."""
+    return SyntheticStream(data.batch_size, rank, seed, image_shape=tuple(image_shape), pool=pool,
+                           batches_per_epoch=batches_per_epoch, classes=classes)
