@@ -91,6 +91,19 @@ def from_environ(environ: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", DEFAULT_PORT)), "single")
 
 
+def job_description(environ: Mapping[str, str] | None = None) -> str | None:
+    """The launcher's name for this job (for messages such as who holds a run directory), None outside one."""
+    env = os.environ if environ is None else environ
+    if "SLURM_JOB_ID" in env:
+        step = env.get("SLURM_STEP_ID")
+        return f"slurm job {env['SLURM_JOB_ID']}" + (f" step {step}" if step else "")
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return f"torchrun run {env['TORCHELASTIC_RUN_ID']}"
+    if "RANK" in env and env.get("WORLD_SIZE", "1") != "1":
+        return f"{env['WORLD_SIZE']} ranks, master {env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
+    return None
+
+
 def init_process_group(device_type: str | None = None, timeout_s: float = 1800) -> DistEnv:
     """Initialise torch.distributed from the launcher's variables (gloo on CPU, nccl on GPU); idempotent."""
     import datetime

@@ -7,8 +7,8 @@ rank's non-finite flag and every rank's stop request, so all ranks take the same
   (no backward, no `engine.step`: parameters, optimizer moments and LR schedule untouched); with grad_accum > 1 the
   micro-batch contributes an exact zero gradient (a zero-weighted backward of the last finite micro-batch, so that
   DeepSpeed's accumulation and ZeRO reductions stay in step on all ranks) and the step goes ahead.
-- a SIGTERM/SIGUSR1 on any rank -> all ranks finish the step, checkpoint, write RUN_DIR/status.json with state
-  "preempted", and exit 0 (the SLURM launcher requeues on that state).
+- a stop signal (SIGTERM/SIGINT/SIGUSR1/SIGHUP) on any rank, or its launcher's death -> all ranks finish the step,
+  checkpoint, write RUN_DIR/status.json with state "preempted", and exit 75 (exit statuses: `train/rundir.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sslscale.train import checkpoint
+from sslscale.train import checkpoint, rundir
 from sslscale.train import config as config_mod
 from sslscale.train.build import load_callable
 from sslscale.train.config import PretrainConfig
@@ -51,22 +51,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status: 0 finished, 75 preempted, 2 bad input, 3 non-finite stop, 1 error (`train/rundir.py`)."""
     try:
         cfg = config_mod.load(args.config, args.overrides)
-    except (config_mod.ConfigError, FileNotFoundError) as err:
+        rundir.check_writable(cfg.run_dir)
+    except (config_mod.ConfigError, FileNotFoundError, rundir.RunDirError) as err:
         print(f"sslscale pretrain: {err}", file=sys.stderr)
-        return 2
+        return rundir.report_exit(rundir.EXIT_USAGE)
     try:
         summary = pretrain(cfg, resume=args.resume)
     except TrainingStopped as err:
         print(f"sslscale pretrain: stopped: {err}", file=sys.stderr)
-        return 3
+        return rundir.fail_active(f"stopped: {err}", rundir.EXIT_NONFINITE)
+    except rundir.RunDirError as err:
+        print(f"sslscale pretrain: {err}", file=sys.stderr)
+        return rundir.report_exit(rundir.EXIT_USAGE)
+    except BaseException as err:
+        rundir.fail_active(err)  # status.json "failed" with the error, then the traceback
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if summary["rank"] == 0:
         print(json.dumps({"summary": summary}), flush=True)
-    return 0
+    return rundir.exit_code_for(summary["state"])
 
 
 def _seed_all(seed: int) -> None:
@@ -101,12 +109,6 @@ def _batches(stream):
             raise RuntimeError("the data stream yielded no batches; check data.shards and data.batch_size")
 
 
-def _write_status(run_dir: Path, state: str, step: int) -> None:
-    tmp = run_dir / "status.json.tmp"
-    tmp.write_text(json.dumps({"state": state, "step": step, "time": time.time()}))
-    tmp.replace(run_dir / "status.json")
-
-
 def _broadcast(obj):
     holder = [obj]
     if dist.is_initialized():
@@ -126,8 +128,8 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     run_dir = Path(cfg.run_dir)
+    owner = rundir.claim(run_dir, rank, world)  # rank 0 locks the run dir (a busy one fails on every rank)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         config_mod.dump(cfg, run_dir / "config.yaml")
     dist.barrier()
 
@@ -159,8 +161,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
     kill_after = int(os.environ.get(_KILL_AFTER, "-1"))
     watchdog = Watchdog(cfg.watchdog_s, rank)
     monitor = Monitor(run_dir, rank, total, cfg.logging.tensorboard, cfg.logging.progress, start_step=step)
-    if rank == 0:
-        _write_status(run_dir, "running", step)
+    owner.status("running", step)
     batches = _batches(stream)
     agree = Agreement(world, device)
     window = Throughput()
@@ -227,11 +228,10 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
         monitor.close()
         stop.restore()
     state = "preempted" if preempted and step < total else "finished"
-    if rank == 0:
-        _write_status(run_dir, state, step)
-        if preempted:
-            print(f"[sslscale] stop requested (signal); checkpointed step {saved_at} and exiting",
-                  file=sys.stderr, flush=True)
+    if rank == 0 and preempted:
+        print(f"[sslscale] stop requested ({stop.reason or 'by another rank'}); checkpointed step {saved_at} "
+              "and exiting", file=sys.stderr, flush=True)
+    owner.finish(state, step)  # status.json, each rank's exit code for its launcher, final barrier, unlock
     return {"rank": rank, "step": step, "loss": last_loss, "samples": samples, "nonfinite_skipped": skipped,
             "state": state, "checkpoint": str(checkpoint.root(run_dir) / checkpoint.tag_for(saved_at))
             if saved_at >= 0 else None, "launcher": info.source}
