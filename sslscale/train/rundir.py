@@ -48,8 +48,13 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75
-EXIT_MEANING = {EXIT_FINISHED: "finished", EXIT_FAILED: "failed", EXIT_USAGE: "bad input",
-                EXIT_NONFINITE: "stopped on a non-finite loss", EXIT_PREEMPTED: "preempted: checkpointed, rerun to resume"}
+EXIT_MEANING = {
+    EXIT_FINISHED: "finished",
+    EXIT_FAILED: "failed",
+    EXIT_USAGE: "bad input",
+    EXIT_NONFINITE: "stopped on a non-finite loss",
+    EXIT_PREEMPTED: "preempted: checkpointed, rerun to resume",
+}
 
 LOCK_NAME = "run.lock"
 STATUS_NAME = "status.json"
@@ -85,8 +90,7 @@ class Holder:
     def parse(cls, text: str) -> Holder | None:
         try:
             data = json.loads(text)
-            return cls(str(data["host"]), int(data["pid"]), str(data["started"]), data.get("job"),
-                       data.get("released"))
+            return cls(str(data["host"]), int(data["pid"]), str(data["started"]), data.get("job"), data.get("released"))
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -124,16 +128,21 @@ class RunLock:
             os.close(fd)
             holder = Holder.parse(text)
             who = holder.describe() if holder else "a job that has not written its details yet"
-            raise RunDirError(f"run_dir {self.path.parent} is in use by {who}; lock file {self.path}. Wait for "
-                              "that run to end or stop it, or choose another run_dir") from None
+            raise RunDirError(
+                f"run_dir {self.path.parent} is in use by {who}; lock file {self.path}. Wait for "
+                "that run to end or stop it, or choose another run_dir"
+            ) from None
         except OSError as err:
             if err.errno not in _NO_LOCKS:
                 os.close(fd)
                 raise
             self.guarded = False
-            print(f"[sslscale] warning: run_dir {self.path.parent}: this file system has no file locks "
-                  f"({err.strerror}); nothing stops a second job from writing the same run directory",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[sslscale] warning: run_dir {self.path.parent}: this file system has no file locks "
+                f"({err.strerror}); nothing stops a second job from writing the same run directory",
+                file=sys.stderr,
+                flush=True,
+            )
         previous = Holder.parse(os.pread(fd, 1 << 16, 0).decode(errors="replace"))
         self.holder = Holder.me()
         self._write(fd, self.holder)
@@ -168,8 +177,10 @@ def check_writable(run_dir: str | Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RunDirError(f"run_dir {path}: cannot create it ({err.strerror or err}); set run_dir to a writable "
-                          "directory (--set run_dir=PATH)") from err
+        raise RunDirError(
+            f"run_dir {path}: cannot create it ({err.strerror or err}); set run_dir to a writable "
+            "directory (--set run_dir=PATH)"
+        ) from err
     if not path.is_dir():
         raise RunDirError(f"run_dir {path} exists and is not a directory")
     if not os.access(path, os.W_OK | os.X_OK):
@@ -178,8 +189,9 @@ def check_writable(run_dir: str | Path) -> Path:
         except OSError:
             read_only = False
         why = "it is on a read-only file system" if read_only else "no write permission for this user"
-        raise RunDirError(f"run_dir {path}: cannot write there ({why}); set run_dir to a writable directory "
-                          "(--set run_dir=PATH)")
+        raise RunDirError(
+            f"run_dir {path}: cannot write there ({why}); set run_dir to a writable directory (--set run_dir=PATH)"
+        )
     return path
 
 
@@ -243,8 +255,16 @@ class RunDir:
             self._write_status(state, step, **extra)
 
     def _write_status(self, state: str, step: int, **extra: object) -> None:
-        data = {"state": state, "step": step, "time": time.time(), "run_id": self.run_id,
-                "host": socket.gethostname(), "pid": os.getpid(), "rank": self.rank, **extra}
+        data = {
+            "state": state,
+            "step": step,
+            "time": time.time(),
+            "run_id": self.run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "rank": self.rank,
+            **extra,
+        }
         write_json_atomic(self.path / STATUS_NAME, data)
 
     def finish(self, state: str, step: int) -> int:
@@ -325,8 +345,12 @@ def claim(run_dir: str | Path, rank: int, world: int) -> RunDir:
     owner.run_id = outcome["run_id"]
     if recovered is not None:
         state = {True: "still running but not holding it", False: "no longer running", None: "on another host"}
-        print(f"[sslscale] run_dir {owner.path}: recovered the lock left by {recovered.describe()} "
-              f"({state[recovered.alive()]})", file=sys.stderr, flush=True)
+        print(
+            f"[sslscale] run_dir {owner.path}: recovered the lock left by {recovered.describe()} "
+            f"({state[recovered.alive()]})",
+            file=sys.stderr,
+            flush=True,
+        )
     _active = owner
     return owner
 
@@ -343,7 +367,11 @@ def fail_active(error: BaseException | str, code: int = EXIT_FAILED) -> int:
     return report_exit(code)
 
 
-signals.at_orphan_exit(lambda reason: fail_active(f"rank ended {signals.GRACE_ENV} seconds after {reason}"))
+def _orphan_exit(reason: str) -> None:
+    fail_active(f"ended by the launcher watch: {reason} and the run did not stop within {signals.GRACE_ENV}")
+
+
+signals.at_orphan_exit(_orphan_exit)
 
 
 def combine_exit_codes(lines: list[str], expect: int, launcher_rc: int) -> int:
@@ -377,8 +405,12 @@ def main(argv: list[str] | None = None) -> int:
         lines = []
     code = combine_exit_codes(lines, args.expect, args.launcher_rc)
     reported = " ".join(line.split()[-1] for line in lines if line.strip()) or "none"
-    print(f"[sslscale] launcher exit status {args.launcher_rc}, ranks reported: {reported} -> exit {code} "
-          f"({EXIT_MEANING.get(code, 'launcher status')})", file=sys.stderr, flush=True)
+    print(
+        f"[sslscale] launcher exit status {args.launcher_rc}, ranks reported: {reported} -> exit {code} "
+        f"({EXIT_MEANING.get(code, 'launcher status')})",
+        file=sys.stderr,
+        flush=True,
+    )
     return code
 
 

@@ -29,8 +29,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from types import FrameType
-from typing import Callable, Mapping, TextIO
+from typing import TextIO
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 # Left alone when ignored at start: `nohup` ignores SIGHUP, shells start background jobs with SIGINT ignored.
@@ -92,8 +93,13 @@ class LauncherWatch:
     """A daemon thread calling `on_orphaned(reason)` once the parent process or the launch script has gone, then
     ending the process `grace_s` later unless it exited by itself."""
 
-    def __init__(self, on_orphaned: Callable[[str], None], grace_s: float = DEFAULT_GRACE_S, poll_s: float = 0.5,
-                 environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        on_orphaned: Callable[[str], None],
+        grace_s: float = DEFAULT_GRACE_S,
+        poll_s: float = 0.5,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         env = os.environ if environ is None else environ
         self.on_orphaned = on_orphaned
         self.grace_s = grace_s
@@ -102,9 +108,9 @@ class LauncherWatch:
         self._ppid = os.getppid()
         self._launcher: tuple[int, int | None] | None = None
         pid, host = env.get(LAUNCHER_PID_ENV), env.get(LAUNCHER_HOST_ENV)
-        if pid and pid.isdigit() and (not host or host == socket.gethostname()) and int(pid) != os.getpid():
-            if process_alive(int(pid)):
-                self._launcher = (int(pid), _start_ticks(int(pid)))
+        same_host = not host or host == socket.gethostname()
+        if pid and pid.isdigit() and same_host and int(pid) != os.getpid() and process_alive(int(pid)):
+            self._launcher = (int(pid), _start_ticks(int(pid)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="sslscale-launcher-watch", daemon=True)
         self._thread.start()
@@ -127,12 +133,16 @@ class LauncherWatch:
             # From here on the deadline holds whatever happens to the rest of the process (close() included).
             time.sleep(self.grace_s)
             rank = os.environ.get("RANK", "?")
-            print(f"[sslscale] rank {rank}: still running {self.grace_s:g}s after {reason}; exiting now "
-                  f"({GRACE_ENV} sets this grace)", file=sys.stderr, flush=True)
-            for hook in list(_orphan_exit_hooks):
+            print(
+                f"[sslscale] rank {rank}: still running {self.grace_s:g}s after {reason}; exiting now "
+                f"({GRACE_ENV} sets this grace)",
+                file=sys.stderr,
+                flush=True,
+            )
+            for hook in _orphan_exit_hooks:
                 try:
                     hook(reason)
-                except Exception as err:  # noqa: BLE001  (best effort on the way out)
+                except Exception as err:  # best effort on the way out
                     print(f"[sslscale] orphan exit hook failed: {err}", file=sys.stderr, flush=True)
             os._exit(EXIT_ORPHANED)
 
@@ -144,8 +154,9 @@ class LauncherWatch:
 class StopRequest:
     """The stop flag of one run: set by a stop signal or by the launcher watch."""
 
-    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS, watch_launcher: bool | None = None,
-                 grace_s: float | None = None) -> None:
+    def __init__(
+        self, signals: tuple[int, ...] = STOP_SIGNALS, watch_launcher: bool | None = None, grace_s: float | None = None
+    ) -> None:
         self.signum: int | None = None
         self.reason: str | None = None
         self._previous: dict[int, object] = {}
@@ -170,8 +181,12 @@ class StopRequest:
     def _orphaned(self, reason: str) -> None:
         rank = os.environ.get("RANK", "?")
         grace = self.watch.grace_s if self.watch else DEFAULT_GRACE_S
-        print(f"[sslscale] rank {rank}: {reason}; stopping after this step with a checkpoint (exit at the latest "
-              f"in {grace:g}s)", file=sys.stderr, flush=True)
+        print(
+            f"[sslscale] rank {rank}: {reason}; stopping after this step with a checkpoint (exit at the latest "
+            f"in {grace:g}s)",
+            file=sys.stderr,
+            flush=True,
+        )
         self.request(reason)
 
     def request(self, reason: str) -> None:
@@ -222,9 +237,12 @@ class Watchdog:
             if idle >= self.timeout_s and not self._reported:
                 self._reported = True
                 self.stalls += 1
-                print(f"[sslscale watchdog] rank {self.rank} stalled: no step progress for {idle:.0f}s after "
-                      f"step {self.step} (watchdog_s={self.timeout_s:g}); stacks of every thread follow",
-                      file=self.stream, flush=True)
+                print(
+                    f"[sslscale watchdog] rank {self.rank} stalled: no step progress for {idle:.0f}s after "
+                    f"step {self.step} (watchdog_s={self.timeout_s:g}); stacks of every thread follow",
+                    file=self.stream,
+                    flush=True,
+                )
                 try:
                     faulthandler.dump_traceback(file=self.stream, all_threads=True)
                 except (ValueError, OSError, AttributeError):  # a stream without a file descriptor
