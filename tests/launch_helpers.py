@@ -4,6 +4,7 @@ progress, a faked SLURM (srun / scontrol on PATH) for one or more simulated node
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -25,8 +26,12 @@ def env(**extra: str) -> dict[str, str]:
     """A launch environment: this repo and interpreter, one thread per rank, quiet warnings, no launcher state."""
     base = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith(_LAUNCH_PREFIXES)}
     base.update(
-        PYTHONPATH=str(REPO), PYTHON=sys.executable, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-        PYTHONWARNINGS="ignore", DEEPSPEED=f"{sys.executable} -m deepspeed.launcher.runner",
+        PYTHONPATH=str(REPO),
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        PYTHONWARNINGS="ignore",
+        DEEPSPEED=f"{sys.executable} -m deepspeed.launcher.runner",
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     )
     base.update(extra)
@@ -50,8 +55,9 @@ def start(cmd: list[str], log: Path, environ: dict[str, str], **kwargs) -> subpr
     """Start `cmd` as the leader of a new process group (as a shell starts a job), output into `log` (a pipe
     would fill up and block a long run)."""
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, **kwargs)
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
+        )
 
 
 def script(name: str) -> list[str]:
@@ -83,10 +89,8 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> tuple[int
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
     proc.wait(timeout=30)
 
 
@@ -135,10 +139,22 @@ def fake_slurm(tmp_path: Path, nodes: int, tasks_per_node: int, job_id: str = "7
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    return env(PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", FAKE_SLURM_DIR=str(tmp_path),
-               SLURM_JOB_ID=job_id, SLURM_JOB_NUM_NODES=str(nodes), SLURM_NTASKS_PER_NODE=str(tasks_per_node),
-               SLURM_JOB_NODELIST=f"node[01-{nodes:02d}]", SLURM_CPUS_PER_TASK="1", **port_env())
+    return env(
+        PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        FAKE_SLURM_DIR=str(tmp_path),
+        SLURM_JOB_ID=job_id,
+        SLURM_JOB_NUM_NODES=str(nodes),
+        SLURM_NTASKS_PER_NODE=str(tasks_per_node),
+        SLURM_JOB_NODELIST=f"node[01-{nodes:02d}]",
+        SLURM_CPUS_PER_TASK="1",
+        **port_env(),
+    )
 
 
 def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in td.metrics(run_dir)]
+
+
+def exploding_objective(model_cfg, objective_cfg):
+    """A `model.builder` that fails after the run directory was claimed (a crash inside the run)."""
+    raise RuntimeError("the objective exploded (test double)")

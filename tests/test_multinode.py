@@ -16,8 +16,9 @@ STEPS = 4
 
 
 def _config(tmp_path, name):
-    return lh.tiny_config(tmp_path / f"{name}.yaml", tmp_path / name,
-                          **{"schedule.total_steps": STEPS, "checkpoint.every": STEPS})
+    return lh.tiny_config(
+        tmp_path / f"{name}.yaml", tmp_path / name, **{"schedule.total_steps": STEPS, "checkpoint.every": STEPS}
+    )
 
 
 def _ok(results):
@@ -31,8 +32,11 @@ def single_node(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     (tmp / "hostfile").write_text("localhost slots=2\n")
     log = tmp / "log.txt"
-    proc = lh.start(lh.script("deepspeed/pretrain.sh") + [str(_config(tmp, "run"))], log,
-                    lh.env(HOSTFILE=str(tmp / "hostfile"), **lh.port_env()))
+    proc = lh.start(
+        lh.script("deepspeed/pretrain.sh") + [str(_config(tmp, "run"))],
+        log,
+        lh.env(HOSTFILE=str(tmp / "hostfile"), **lh.port_env()),
+    )
     rc, out = lh.finish(proc, log)
     assert rc == 0, out[-4000:]
     assert "ssh" not in out.lower().replace("no_ssh", ""), out[-2000:]
@@ -44,8 +48,9 @@ def single_node(tmp_path_factory):
 def test_torchrun_two_nodes_c10d_rendezvous(tmp_path, single_node):
     cfg = _config(tmp_path, "run")
     environ = lh.env(NNODES="2", NPROC="1", RDZV_ENDPOINT=f"127.0.0.1:{lh.free_port()}", RDZV_ID="two-nodes")
-    nodes = [lh.start(lh.script("torchrun/pretrain.sh") + [str(cfg)], tmp_path / f"node{i}.txt", environ)
-             for i in range(2)]
+    nodes = [
+        lh.start(lh.script("torchrun/pretrain.sh") + [str(cfg)], tmp_path / f"node{i}.txt", environ) for i in range(2)
+    ]
     _ok([lh.finish(p, tmp_path / f"node{i}.txt") for i, p in enumerate(nodes)])
     assert lh.losses(tmp_path / "run") == single_node
 
@@ -54,8 +59,12 @@ def test_deepspeed_two_hostfile_entries_one_launcher_per_node_without_ssh(tmp_pa
     (tmp_path / "hostfile").write_text("node-a slots=1\nnode-b slots=1\n")
     cfg = _config(tmp_path, "run")
     environ = lh.env(HOSTFILE=str(tmp_path / "hostfile"), NO_SSH="1", MASTER_ADDR="127.0.0.1", **lh.port_env())
-    nodes = [lh.start(lh.script("deepspeed/pretrain.sh") + [str(cfg)], tmp_path / f"node{i}.txt",
-                      {**environ, "NODE_RANK": str(i)}) for i in range(2)]
+    nodes = [
+        lh.start(
+            lh.script("deepspeed/pretrain.sh") + [str(cfg)], tmp_path / f"node{i}.txt", {**environ, "NODE_RANK": str(i)}
+        )
+        for i in range(2)
+    ]
     _ok([lh.finish(p, tmp_path / f"node{i}.txt") for i, p in enumerate(nodes)])
     assert lh.losses(tmp_path / "run") == single_node
 
@@ -67,6 +76,12 @@ def test_sbatch_two_nodes_under_fake_slurm(tmp_path, single_node):
     rc, out = lh.finish(job, log)
     tasks = [p.read_text()[-2000:] for p in sorted(tmp_path.glob("task*.log"))]
     assert rc == 0, out + "\n".join(tasks)
-    assert (tmp_path / "srun.args").read_text().split()[:6] == ["--nodes", "2", "--ntasks-per-node", "1",
-                                                               "--ntasks", "2"]
+    assert (tmp_path / "srun.args").read_text().split()[:6] == [
+        "--nodes",
+        "2",
+        "--ntasks-per-node",
+        "1",
+        "--ntasks",
+        "2",
+    ]
     assert lh.losses(tmp_path / "run") == single_node

@@ -174,6 +174,8 @@ def check_writable(run_dir: str | Path) -> Path:
     """Create `run_dir` if needed and make sure files can be written in it; a clear `RunDirError` otherwise.
     Cheap and local, so every rank calls it before any process group starts."""
     path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"run_dir {path} exists and is not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -181,8 +183,6 @@ def check_writable(run_dir: str | Path) -> Path:
             f"run_dir {path}: cannot create it ({err.strerror or err}); set run_dir to a writable "
             "directory (--set run_dir=PATH)"
         ) from err
-    if not path.is_dir():
-        raise RunDirError(f"run_dir {path} exists and is not a directory")
     if not os.access(path, os.W_OK | os.X_OK):
         try:
             read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
