@@ -111,6 +111,11 @@ def _fake(tmp_path, name="fake"):
     return path
 
 
+def _launcher_env(tmp_path) -> dict[str, str]:
+    """The environment the fake launcher was started with."""
+    return dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
+
+
 def _run(cmd, environ, timeout=60):
     return subprocess.run(cmd, cwd=lh.REPO, env=environ, capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -142,7 +147,7 @@ def test_deepspeed_script_runs_a_localhost_only_hostfile_without_ssh_and_maps_th
         "--no_local_rank",
     ]
     assert args[-6:] == ["pretrain", "c.yaml", "--set", "a=1", "--resume", "auto"]
-    child_env = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
+    child_env = _launcher_env(tmp_path)
     assert child_env["OMP_NUM_THREADS"] == str(max(os.cpu_count() // 2, 1))  # cores / the node's 2 slots
     assert child_env["SSLSCALE_LAUNCHER_HOST"] == socket.gethostname()
     assert not list(tmp_path.glob("sslscale-exit.*")) and not os.path.exists(child_env["SSLSCALE_EXIT_FILE"])
@@ -213,7 +218,7 @@ def test_supervise_forwards_a_signal_to_the_launcher_exactly_once(tmp_path, targ
     rc, out = lh.finish(job, log, timeout=60)
     assert (tmp_path / "signals").read_text().strip() == "1"  # not once from the group and again from the script
     assert rc == 75, out
-    child_env = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
+    child_env = _launcher_env(tmp_path)
     assert child_env["SSLSCALE_LAUNCHER_PID"] == str(job.pid)
     assert child_env["PET_SIGNALS_TO_HANDLE"] == "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
