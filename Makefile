@@ -72,7 +72,7 @@ $(VENV)/.lint: $(VENV)/.deps
 lint: $(VENV)/.lint
 	@rc=0; \
 	echo "ruff check"; $(VENV)/bin/ruff check sslscale tests setup.py || rc=1; \
-	echo "ruff format --check"; $(VENV)/bin/ruff format --check sslscale tests setup.py || rc=1; \
+	echo "ruff format --check"; $(VENV)/bin/ruff format --check --output-format concise sslscale tests setup.py || rc=1; \
 	echo "mypy"; $(VENV)/bin/mypy || rc=1; \
 	exit $$rc
 
