@@ -10,7 +10,10 @@ export OMP_NUM_THREADS ?= 2
 
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: setup demo test test-fast bench gpu-check gpu-static clean
+# Lint tools (the pins of pyproject.toml's `dev` extra), installed on first `make lint`.
+LINT_TOOLS := ruff==0.17.6 mypy==2.4.1
+
+.PHONY: setup demo test test-fast bench gpu-check gpu-static lint clean distclean
 
 $(VENV)/.torch:
 ifeq ($(TORCH),system)
@@ -66,5 +69,24 @@ gpu-check:
 gpu-static: setup
 	$(VENV)/bin/sslscale bench gpu-static
 
+$(VENV)/.lint: $(VENV)/.deps
+	$(PIP) install $(LINT_TOOLS)
+	touch $@
+
+# ruff (lint rules and formatting) and mypy as configured in pyproject.toml; runs all three, fails if any fails.
+lint: $(VENV)/.lint
+	@rc=0; \
+	echo "ruff check"; $(VENV)/bin/ruff check sslscale tests setup.py || rc=1; \
+	echo "ruff format --check"; $(VENV)/bin/ruff format --check --output-format concise sslscale tests setup.py || rc=1; \
+	echo "mypy"; $(VENV)/bin/mypy || rc=1; \
+	exit $$rc
+
+# Build outputs and caches; the build stamp goes too, so the next `make setup` rebuilds the extension.
 clean:
-	rm -rf build sslscale/_C*.so *.egg-info bench-results
+	rm -rf build sslscale/_C*.so *.egg-info bench-results .pytest_cache .ruff_cache .mypy_cache
+	rm -f $(VENV)/.built
+	find sslscale tests -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Everything `make setup` made, the virtual environment included.
+distclean: clean
+	rm -rf $(VENV)

@@ -1,11 +1,19 @@
 """The `sslscale` command. Each subcommand lives in its own module exposing `add_arguments(parser)` and
-`run(args) -> int`; modules are imported only when their subcommand runs, so `sslscale info` stays fast."""
+`run(args) -> int`; modules are imported only when their subcommand runs, so `sslscale info` and `--help` stay
+fast (no torch import)."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
+from types import ModuleType
+
+from sslscale import __version__
+
+DESCRIPTION = "Self-supervised pretraining on DeepSpeed ZeRO with fused contrastive kernels."
+EPILOG = "Run `sslscale COMMAND --help` for the options of a command; launch scripts: launchers/README.md."
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -18,11 +26,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("sslscale.adapt.evaluate", "linear-probe an exported encoder vs random init and raw pixels"),
 }
 
+# OSErrors that are the user's environment, not a bug: reported as one line instead of a traceback.
+_ENVIRONMENT_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR}
 
-def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
-    parser = argparse.ArgumentParser(prog="sslscale", description=__doc__.split("\n")[0])
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, ModuleType | None]:
+    parser = argparse.ArgumentParser(prog="sslscale", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"sslscale {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    chosen = argv[0] if argv else None
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     module = None
     for name, (mod_name, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -41,7 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     if module is None:
         parser.print_help()
         return 2
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except OSError as err:
+        if err.errno not in _ENVIRONMENT_ERRORS:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"sslscale {args.command}: {err.strerror}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""`sslscale info`: what is installed and which kernel backends can run here."""
+"""`sslscale info`: what is installed and which kernel backends can run here (a table, or `--json`)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
+import shutil
+import textwrap
 
 import torch
 
@@ -13,17 +16,18 @@ from sslscale import __version__, _ext
 from sslscale.ops import backends
 
 
-def _version(module: str) -> str | None:
+def _version(package: str) -> str | None:
+    """The installed distribution's version, without importing it (deepspeed's import alone takes seconds)."""
     try:
-        return getattr(__import__(module), "__version__", "?")
-    except Exception:  # noqa: BLE001  (any import failure means "not usable")
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
 def collect() -> dict:
     ext = _ext.load()
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    table = {}
+    table: dict[str, dict] = {}
     for op in backends.OPS:
         table[op] = {}
         for name in backends.BACKENDS:
@@ -53,26 +57,72 @@ def collect() -> dict:
     }
 
 
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def format_table(info: dict, width: int | None = None) -> str:
+    """The human-readable report: short key/value sections, then one row per (op, backend) whose reason is
+    wrapped (never cut) to `width` columns (default: the terminal's, at least 60)."""
+    if width is None:
+        width = max(60, shutil.get_terminal_size((100, 24)).columns)
+    ext = info["extension"]
+    if ext["built"]:
+        parts = [
+            "OpenMP" if ext["with_openmp"] else "no OpenMP",
+            f"{ext['threads']} threads",
+            "CUDA kernels" if ext["with_cuda"] else "no CUDA kernels",
+        ]
+        built = "yes (" + ", ".join(parts) + ")"
+    else:
+        built = f"no: {ext['error']}"
+    cuda_build = f"CUDA {info['torch_cuda']}" if info["torch_cuda"] else "CPU build"
+    interpreter = "on" if info["triton_interpret"] else "off"
+    sections = {
+        "versions": [
+            ("sslscale", info["sslscale"]),
+            ("python", info["python"]),
+            ("torch", f"{info['torch']} ({cuda_build})"),
+            ("triton", f"{_or_dash(info['triton'])} (interpreter {interpreter})"),
+            ("deepspeed", _or_dash(info["deepspeed"])),
+            ("webdataset", _or_dash(info["webdataset"])),
+        ],
+        "device": [("CUDA available", "yes" if info["cuda_available"] else "no"), ("GPU", _or_dash(info["gpu"]))],
+        "extension sslscale._C": [
+            ("built", built),
+            ("SSLSCALE_BACKEND", info["backend_env"] or "(unset: automatic choice)"),
+        ],
+    }
+    lines: list[str] = []
+    for title, rows in sections.items():
+        lines.append(title)
+        for key, value in rows:
+            lines += textwrap.wrap(str(value), width, initial_indent=f"  {key:<18s}", subsequent_indent=" " * 20) or [
+                f"  {key}"
+            ]
+    op_w = max(len("op"), *(len(op) for op in info["backends"]))
+    be_w = max(len("backend"), *(len(b) for t in info["backends"].values() for b in t))
+    head = f"  {'op':<{op_w}s}  {'backend':<{be_w}s}  usable  "
+    lines += ["", "kernel backends", head + "why"]
+    for op, table in info["backends"].items():
+        for i, (name, cell) in enumerate(table.items()):
+            prefix = f"  {op if i == 0 else '':<{op_w}s}  {name:<{be_w}s}  {'yes' if cell['usable'] else 'no':<6s}  "
+            lines += textwrap.wrap(
+                cell["why"] or "-",
+                width,
+                initial_indent=prefix,
+                subsequent_indent=" " * len(prefix),
+                break_long_words=False,
+                break_on_hyphens=False,
+            ) or [prefix.rstrip()]
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
     info = collect()
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    for key in ("sslscale", "python", "torch", "torch_cuda", "cuda_available", "gpu", "triton",
-                "triton_interpret", "deepspeed", "webdataset", "backend_env"):
-        print(f"{key:18s} {info[key]}")
-    ext = info["extension"]
-    status = "built" if ext["built"] else f"NOT built ({ext['error']})"
-    print(f"{'extension':18s} {status}; cuda={ext['with_cuda']} openmp={ext['with_openmp']} threads={ext['threads']}")
-    print("\nbackend     " + "".join(f"{op:<44s}" for op in backends.OPS))
-    for name in backends.BACKENDS:
-        cells = []
-        for op in backends.OPS:
-            cell = info["backends"][op][name]
-            cells.append(f"{'yes' if cell['usable'] else 'no':4s}{cell['why'][:40]:<40s}")
-        print(f"{name:12s}" + "".join(cells))
+    print(json.dumps(info, indent=2) if args.json else format_table(info))
     return 0

@@ -110,6 +110,7 @@ def test_idx_reader_round_trip(tmp_path):
         read_idx(str(tmp_path / "bad"))
 
 
+@pytest.mark.slow  # ~17-20 s on this 2-core machine (three encoders x two label regimes x cross-validation)
 def test_evaluate_command_table_and_json(tmp_path, capsys):
     (tmp_path / "data").mkdir()
     d = _fake_fashion(tmp_path / "data")

@@ -39,6 +39,7 @@ from sslscale.data import text as textlib
 from sslscale.data import vision
 from sslscale.data.reading import ErrorCounter, decode_image, decode_label, decode_text, read_shard
 from sslscale.data.shards import MANIFEST, read_manifest
+from sslscale.train.signals import ignore_stop_signals
 
 IMAGE_PIPELINES = ("simclr", "rotation", "labeled")
 TEXT_PIPELINES = ("mlm", "nsp", "clm", "text_labeled")
@@ -419,7 +420,7 @@ class Stream:
             source = iter(torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=spec.num_workers, prefetch_factor=spec.prefetch_factor,
                 multiprocessing_context=spec.multiprocessing_context, persistent_workers=False,
-                pin_memory=spec.pin_memory))
+                pin_memory=spec.pin_memory, worker_init_fn=ignore_stop_signals))  # the rank decides on stops
         per_worker = plan.per_worker_batches(self.epoch)
         closed = False
         try:

@@ -13,8 +13,8 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 DEFAULT_PORT = 29500
 
@@ -31,8 +31,13 @@ class DistEnv:
     def export(self, environ: dict | None = None) -> None:
         """Write the torchrun-style variables, which torch.distributed and DeepSpeed read."""
         env = os.environ if environ is None else environ
-        env.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
-                   MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
+        env.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK=str(self.local_rank),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+        )
 
 
 def _int(environ: Mapping[str, str], key: str) -> int:
@@ -68,8 +73,9 @@ def expand_nodelist(nodelist: str) -> list[str]:
 def slurm_hosts(nodelist: str) -> list[str]:
     """Hosts of the allocation: `scontrol show hostnames` when on PATH, else `expand_nodelist`."""
     if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=False
+        )
         if out.returncode == 0 and out.stdout.split():
             return out.stdout.split()
     return expand_nodelist(nodelist)
@@ -80,15 +86,35 @@ def from_environ(environ: Mapping[str, str] | None = None) -> DistEnv:
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else _int(env, "RANK")
-        return DistEnv(_int(env, "RANK"), _int(env, "WORLD_SIZE"), local, env.get("MASTER_ADDR", "127.0.0.1"),
-                       int(env.get("MASTER_PORT", DEFAULT_PORT)), "torchrun")
+        return DistEnv(
+            _int(env, "RANK"),
+            _int(env, "WORLD_SIZE"),
+            local,
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", DEFAULT_PORT)),
+            "torchrun",
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         addr = env.get("MASTER_ADDR") or (slurm_hosts(nodelist)[0] if nodelist else "127.0.0.1")
         port = int(env.get("MASTER_PORT") or DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000)
-        return DistEnv(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID"),
-                       addr, port, "slurm")
+        return DistEnv(
+            _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID"), addr, port, "slurm"
+        )
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", DEFAULT_PORT)), "single")
+
+
+def job_description(environ: Mapping[str, str] | None = None) -> str | None:
+    """The launcher's name for this job (for messages such as who holds a run directory), None outside one."""
+    env = os.environ if environ is None else environ
+    if "SLURM_JOB_ID" in env:
+        step = env.get("SLURM_STEP_ID")
+        return f"slurm job {env['SLURM_JOB_ID']}" + (f" step {step}" if step else "")
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return f"torchrun run {env['TORCHELASTIC_RUN_ID']}"
+    if "RANK" in env and env.get("WORLD_SIZE", "1") != "1":
+        return f"{env['WORLD_SIZE']} ranks, master {env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
+    return None
 
 
 def init_process_group(device_type: str | None = None, timeout_s: float = 1800) -> DistEnv:
@@ -105,6 +131,10 @@ def init_process_group(device_type: str | None = None, timeout_s: float = 1800) 
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank % max(torch.cuda.device_count(), 1))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=info.rank,
-                                world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            "nccl" if device_type == "cuda" else "gloo",
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     return info

@@ -1,14 +1,16 @@
-"""What a run reports while it trains: one JSON line per logged step (stdout and RUN_DIR/metrics.jsonl), optional
-tensorboard scalars, a tqdm bar on interactive terminals only, memory, MFU for Transformers, and an online kNN probe
-of the encoder's features."""
+"""What a run reports while it trains: one JSON line per logged step (stdout and RUN_DIR/metrics.jsonl; strict
+JSON, non-finite numbers as null), optional tensorboard scalars (`pip install -e .[tensorboard]`), a tqdm bar on
+interactive terminals only, with the JSON lines printed above it (tqdm.write) and the loss / probe accuracy beside
+it, memory, MFU for Transformers, and an online kNN probe of the encoder's features."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,9 @@ class Throughput:
     """Samples, tokens and step time accumulated since the last logged step."""
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self.seconds, self.steps, self.samples, self.tokens = 0.0, 0, 0, 0
 
     def add(self, samples: int, tokens: int | None) -> None:
@@ -62,35 +67,56 @@ class Throughput:
 
     def rates(self) -> dict:
         """samples/s, tokens/s (text batches only), mean step time; then starts a new window."""
-        out = {"samples_per_s": self.samples / self.seconds if self.seconds else None,
-               "step_time_s": self.seconds / self.steps if self.steps else None}
+        out = {
+            "samples_per_s": self.samples / self.seconds if self.seconds else None,
+            "step_time_s": self.seconds / self.steps if self.steps else None,
+        }
         if self.tokens:
             out["tokens_per_s"] = self.tokens / self.seconds
-        self.__init__()
+        self._reset()
         return out
+
+
+# record key -> (label beside the progress bar, decimals)
+_POSTFIX = (("loss", "loss", 4), ("probe_acc", "probe", 3))
+
+
+def _strict(record: dict) -> dict:
+    """The record with non-finite floats as None (JSON has no NaN; `json.loads` elsewhere may reject it)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 class Monitor:
     """Rank 0 writes; other ranks keep quiet."""
 
-    def __init__(self, run_dir: str | Path, rank: int, total_steps: int, tensorboard: bool = False,
-                 progress: bool = True, start_step: int = 0, echo: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        rank: int,
+        total_steps: int,
+        tensorboard: bool = False,
+        progress: bool = True,
+        start_step: int = 0,
+        echo: bool = True,
+    ) -> None:
         self.rank = rank
         self.echo = echo
-        self._file = None
-        self._tb = None
-        self._bar = None
+        self._file: TextIO | None = None
+        self._tb: Any = None  # torch.utils.tensorboard.SummaryWriter
+        self._bar: Any = None  # tqdm.tqdm
         if rank != 0:
             return
-        self._file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        self._file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115  (closed in close())
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except ImportError:
-                print("[sslscale] logging.tensorboard is on but tensorboard is not installed; skipping it",
-                      file=sys.stderr)
+                print(
+                    "[sslscale] logging.tensorboard is on but tensorboard is not installed; skipping it",
+                    file=sys.stderr,
+                )
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -99,14 +125,23 @@ class Monitor:
     def log(self, record: dict) -> None:
         if self.rank != 0:
             return
-        line = json.dumps(record, allow_nan=True)
-        self._file.write(line + "\n")
+        line = json.dumps(_strict(record), allow_nan=False)
+        if self._file is not None:
+            self._file.write(line + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, record["step"])
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
+            postfix = {
+                name: f"{record[key]:.{digits}f}"
+                for key, name, digits in _POSTFIX
+                if isinstance(record.get(key), float)
+            }
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+            if self.echo:  # above the bar, which is redrawn below the line
+                self._bar.write(line, file=sys.stdout)
         elif self.echo:
             print(line, flush=True)
 
@@ -121,21 +156,31 @@ class Monitor:
 
 
 @torch.no_grad()
-def features(encoder: torch.nn.Module, x: torch.Tensor, batch_size: int = 512,
-             cast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+def features(
+    encoder: torch.nn.Module,
+    x: torch.Tensor,
+    batch_size: int = 512,
+    cast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> torch.Tensor:
     """Encoder outputs of `x` in eval mode, fp32 on CPU. Called on every rank with the same `x` under ZeRO-3 so
     each module's gathered parameters are collected collectively."""
     was_training = encoder.training
     encoder.eval()
     try:
-        out = [encoder(cast(x[i:i + batch_size])).float().flatten(1).cpu() for i in range(0, len(x), batch_size)]
+        out = [encoder(cast(x[i : i + batch_size])).float().flatten(1).cpu() for i in range(0, len(x), batch_size)]
     finally:
         encoder.train(was_training)
     return torch.cat(out)
 
 
-def knn_accuracy(bank: torch.Tensor, bank_y: torch.Tensor, query: torch.Tensor, query_y: torch.Tensor,
-                 k: int = 20, temperature: float = 0.07) -> float:
+def knn_accuracy(
+    bank: torch.Tensor,
+    bank_y: torch.Tensor,
+    query: torch.Tensor,
+    query_y: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> float:
     """Weighted kNN (cosine similarity, votes exp(s / T), as in InstDisc/DINO) accuracy of query labels."""
     bank = F.normalize(bank.float(), dim=1)
     query = F.normalize(query.float(), dim=1)
@@ -143,9 +188,9 @@ def knn_accuracy(bank: torch.Tensor, bank_y: torch.Tensor, query: torch.Tensor, 
     classes = int(max(bank_y.max(), query_y.max())) + 1
     correct = 0
     for i in range(0, len(query), 1024):
-        sim, idx = (query[i:i + 1024] @ bank.T).topk(k, dim=1)
+        sim, idx = (query[i : i + 1024] @ bank.T).topk(k, dim=1)
         votes = torch.zeros(len(sim), classes).scatter_add_(1, bank_y[idx].long(), (sim / temperature).exp())
-        correct += int((votes.argmax(1) == query_y[i:i + 1024].long()).sum())
+        correct += int((votes.argmax(1) == query_y[i : i + 1024].long()).sum())
     return correct / len(query)
 
 

@@ -7,8 +7,9 @@
   requests before any backward, and `step_policy.NonFinitePolicy` decides (skip the step, zero-gradient
   micro-batch, or stop). Then `objective.after_step(...)` (EMA targets, queues).
 - `train_loop(session)`: steps until `schedule.total_steps` or a stop request, with logging, the kNN probe,
-  checkpoints and callbacks. A SIGTERM/SIGUSR1 on any rank -> all ranks finish the step, checkpoint, write
-  RUN_DIR/status.json with state "preempted", and exit 0 (the SLURM launcher requeues on that state).
+  checkpoints and callbacks. A stop signal (SIGTERM/SIGINT/SIGUSR1/SIGHUP) on any rank, or its launcher's death
+  -> all ranks finish the step, checkpoint, write RUN_DIR/status.json with state "preempted", and exit 75 (exit
+  statuses: `train/rundir.py`; the SLURM launcher requeues on that state).
 - `pretrain(cfg, resume)`: the three in order, returns the run summary.
 """
 
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from sslscale.objectives.base import Objective, StepContext
-from sslscale.train import checkpoint
+from sslscale.train import checkpoint, rundir
 from sslscale.train import config as config_mod
 from sslscale.train.build import load_callable
 from sslscale.train.callbacks import Callback
@@ -50,22 +51,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status: 0 finished, 75 preempted, 2 bad input, 3 non-finite stop, 1 error (`train/rundir.py`)."""
     try:
         cfg = config_mod.load(args.config, args.overrides)
-    except (config_mod.ConfigError, FileNotFoundError) as err:
+        rundir.check_writable(cfg.run_dir)
+    except (config_mod.ConfigError, FileNotFoundError, rundir.RunDirError) as err:
         print(f"sslscale pretrain: {err}", file=sys.stderr)
-        return 2
+        return rundir.report_exit(rundir.EXIT_USAGE)
     try:
         summary = pretrain(cfg, resume=args.resume)
     except TrainingStopped as err:
         print(f"sslscale pretrain: stopped: {err}", file=sys.stderr)
-        return 3
+        return rundir.fail_active(f"stopped: {err}", rundir.EXIT_NONFINITE)
+    except rundir.RunDirError as err:
+        print(f"sslscale pretrain: {err}", file=sys.stderr)
+        return rundir.report_exit(rundir.EXIT_USAGE)
+    except BaseException as err:
+        rundir.fail_active(err)  # status.json "failed" with the error, then the traceback
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if summary["rank"] == 0:
         print(json.dumps({"summary": summary}), flush=True)
-    return 0
+    return rundir.exit_code_for(summary["state"])
 
 
 def seed_all(seed: int) -> None:
@@ -100,12 +109,6 @@ def batches_forever(stream) -> Iterator[dict]:
             raise RuntimeError("the data stream yielded no batches; check data.shards and data.batch_size")
 
 
-def _write_status(run_dir: Path, state: str, step: int) -> None:
-    tmp = run_dir / "status.json.tmp"
-    tmp.write_text(json.dumps({"state": state, "step": step, "time": time.time()}))
-    tmp.replace(run_dir / "status.json")
-
-
 def _broadcast(obj):
     holder = [obj]
     if dist.is_initialized():
@@ -123,6 +126,7 @@ class Session:
     device: torch.device
     dtype: torch.dtype
     run_dir: Path
+    owner: rundir.RunDir
     launcher: str
     engine: Any
     objective: Objective
@@ -159,8 +163,8 @@ def set_up(cfg: PretrainConfig, resume: str | None, stop: StopRequest) -> Sessio
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     run_dir = Path(cfg.run_dir)
+    owner = rundir.claim(run_dir, rank, world)  # rank 0 locks the run dir (a busy one fails on every rank)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         config_mod.dump(cfg, run_dir / "config.yaml")
     dist.barrier()
 
@@ -201,9 +205,8 @@ def set_up(cfg: PretrainConfig, resume: str | None, stop: StopRequest) -> Sessio
                             "sslscale.train.callbacks.Callback")
     monitor = Monitor(run_dir, rank, cfg.schedule.total_steps, cfg.logging.tensorboard, cfg.logging.progress,
                       start_step=step)
-    if rank == 0:
-        _write_status(run_dir, "running", step)
-    return Session(cfg=cfg, rank=rank, world=world, device=device, dtype=dtype, run_dir=run_dir,
+    owner.status("running", step)
+    return Session(cfg=cfg, rank=rank, world=world, device=device, dtype=dtype, run_dir=run_dir, owner=owner,
                    launcher=info.source, engine=engine, objective=objective, stream=stream,
                    batches=batches_forever(stream), probe=probe, stop=stop, agree=Agreement(world, device),
                    policy=policy, watchdog=Watchdog(cfg.watchdog_s, rank), monitor=monitor, callbacks=callbacks,
@@ -296,11 +299,10 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
         stop.restore()
     s = session
     state = "preempted" if s.preempted and s.step < cfg.schedule.total_steps else "finished"
-    if s.rank == 0:
-        _write_status(s.run_dir, state, s.step)
-        if s.preempted:
-            print(f"[sslscale] stop requested (signal); checkpointed step {s.saved_at} and exiting",
-                  file=sys.stderr, flush=True)
+    if s.rank == 0 and s.preempted:
+        print(f"[sslscale] stop requested ({stop.reason or 'by another rank'}); checkpointed step {s.saved_at} "
+              "and exiting", file=sys.stderr, flush=True)
+    s.owner.finish(state, s.step)  # status.json, each rank's exit code for its launcher, final barrier, unlock
     return {"rank": s.rank, "step": s.step, "loss": s.last_loss, "samples": s.samples,
             "nonfinite_skipped": s.policy.skipped, "state": state,
             "checkpoint": str(checkpoint.root(s.run_dir) / checkpoint.tag_for(s.saved_at))
