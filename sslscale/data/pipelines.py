@@ -121,7 +121,8 @@ class PipelineContext:
         arrays = [it["image"] for it in items]
         if all(a.shape == arrays[0].shape for a in arrays):
             return torch.from_numpy(np.stack(arrays))
-        return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        return [torch.from_numpy(a.copy() if not a.flags.writeable or not a.flags.c_contiguous else a)
+                for a in arrays]
 
     @staticmethod
     def labels(items: list[dict]) -> torch.Tensor:

@@ -56,17 +56,22 @@ class CorruptDataError(RuntimeError):
 class ErrorCounter:
     """Counts dropped samples (and shard-level problems) by reason; raises instead under policy `fail`."""
 
-    def __init__(self, policy: str, counts: dict[str, int] | None = None, events: dict[str, int] | None = None):
+    def __init__(self, policy: str, counts: dict[str, int] | None = None, events: dict[str, int] | None = None,
+                 warn: bool = True):
         if policy not in ("skip", "fail"):
             raise ValueError(f"corrupt policy must be 'skip' or 'fail', got {policy!r}")
-        self.policy = policy
+        self.policy, self.warn = policy, warn
         self.counts: dict[str, int] = dict(counts or {})
         self.events: dict[str, int] = dict(events or {})
+        self.last: str | None = None  # the latest problem, as text
         self.muted = False  # while re-reading shards whose problems were already counted (refill passes)
 
     def _raise_or_warn(self, reason: str, where: str, detail: object, total: int) -> None:
+        self.last = f"{reason} in {where}: {detail}"
         if self.policy == "fail":
-            raise CorruptDataError(f"{reason} in {where}: {detail} (corrupt='fail'; use corrupt='skip' to drop it)")
+            raise CorruptDataError(f"{self.last} (corrupt='fail'; use corrupt='skip' to drop it)")
+        if not self.warn:
+            return
         now = time.monotonic()
         if now - _last_warning.get(reason, -1e9) >= _WARN_EVERY_S:
             _last_warning[reason] = now
@@ -129,12 +134,21 @@ def _open(info: ShardInfo):
     return gopen(info.url, "rb"), False
 
 
+def _describe(error: BaseException, stream) -> str:
+    """webdataset's pipe errors print their Popen arguments; say which command failed with what status."""
+    proc = getattr(stream, "proc", None)
+    if proc is not None and proc.returncode not in (None, 0):
+        args = proc.args if isinstance(proc.args, str) else " ".join(map(str, proc.args))
+        return f"command `{args}` exited with status {proc.returncode} (curl: 22 = HTTP error, 7 = no connection)"
+    return str(error)
+
+
 def _close(stream, quiet: bool) -> str | None:
     """Close; a failed pipe command reports here (its exit status). Returns the error text, if any."""
     try:
         stream.close()
     except (OSError, ValueError) as e:
-        return None if quiet else str(e)
+        return None if quiet else _describe(e, stream)
     return None
 
 
@@ -142,9 +156,9 @@ def _read_whole(info: ShardInfo, limit: int) -> bytes:
     stream, _ = _open(info)
     try:
         data = stream.read(limit + 1)
-    except BaseException:
+    except (OSError, ValueError) as e:
         _close(stream, quiet=True)
-        raise
+        raise OSError(_describe(e, stream)) from None
     failure = _close(stream, quiet=False)
     if failure:
         raise OSError(failure)
@@ -278,7 +292,7 @@ def _stream_samples(info: ShardInfo, order_seed: int | None, offset: int, opts: 
                     yield sample
         except (OSError, EOFError, ValueError, gzip.BadGzipFile) as e:  # a failed pipe, a broken gzip stream
             reason = "unreadable_shard" if not reader.valid_headers else "truncated_shard"
-            visit.problem(reason, f"read failed after {reader.offset} bytes: {e}")
+            visit.problem(reason, f"read failed after {reader.offset} bytes: {_describe(e, raw)}")
             return
         if hashing is not None:
             try:
@@ -312,7 +326,7 @@ def count_samples(info: ShardInfo, max_member_bytes: int = 64 << 20) -> int:
     try:
         count = sum(1 for _ in group_samples(iter(reader)))
     except (OSError, EOFError, ValueError) as e:
-        problems.append(str(e))
+        problems.append(_describe(e, raw))
     finally:
         failure = _close(raw, quiet=False)
     if failure:
@@ -323,14 +337,16 @@ def count_samples(info: ShardInfo, max_member_bytes: int = 64 << 20) -> int:
 
 
 def first_samples(info: ShardInfo, n: int, opts: ReadOptions) -> list[dict]:
-    """Up to `n` raw samples from the start of a shard (format probing); problems are ignored here."""
-    errors = ErrorCounter("skip")
-    errors.muted = True
+    """Up to `n` raw samples from the start of a shard (format probing; damage is tolerated, quietly). A shard
+    that gives none raises OSError with the cause."""
+    errors = ErrorCounter("skip", warn=False)
     out = []
     for sample in visit_shard(info, in_memory=False, order_seed=None, offset=0, opts=opts, errors=errors):
         out.append(sample)
         if len(out) >= n:
             break
+    if not out and errors.last:
+        raise OSError(errors.last)
     return out
 
 

@@ -146,15 +146,17 @@ def _probe_image(shards: list[ShardInfo], opts: ReadOptions) -> np.ndarray:
     probe_opts = ReadOptions(verify=False, max_member_bytes=opts.max_member_bytes, in_memory_bytes=0)
     tried = []
     for info in shards[:3]:
-        for raw in first_samples(info, 16, probe_opts):
-            found = dec.find_field(raw, dec.IMAGE_EXTS)
-            if found is None:
-                continue
-            try:
-                return dec.decode_image(*found, channels=None)
-            except dec.Malformed as e:
-                tried.append(f"{info.url} {raw.get('__key__')}: {e}")
-        tried.append(f"{info.url}: no image among its first samples")
+        try:
+            for raw in first_samples(info, 16, probe_opts):
+                found = dec.find_field(raw, dec.IMAGE_EXTS)
+                if found is not None:
+                    try:
+                        return dec.decode_image(*found, channels=None)
+                    except dec.Malformed as e:
+                        tried.append(f"{info.url} {raw.get('__key__')}: {e}")
+            tried.append(f"{info.url}: no image among its first samples")
+        except OSError as e:
+            tried.append(str(e))
     raise ValueError("cannot tell the image format (channels, size) from the first shards (" + "; ".join(tried[:3])
                      + "): set channels and image_size, or write a manifest with `sslscale shards --index`")
 
@@ -185,15 +187,15 @@ class _Plan:
         self.ctx = PipelineContext(spec, image_size=spec.image_size, num_classes=spec.num_classes)
         if spec.num_classes is None and isinstance(self.manifest_meta.get("labels"), list):
             self.ctx.num_classes = len(self.manifest_meta["labels"]) or None
+        if spec.mode == "epoch":
+            self._check_epoch_mode()  # first: counting opens every shard, and names one that cannot be
+        elif spec.batches_per_epoch is not None and spec.batches_per_epoch < self.workers:
+            raise ValueError(f"batches_per_epoch={spec.batches_per_epoch} is below num_workers={self.workers}: "
+                             "each worker yields batches_per_epoch // num_workers batches")
         if pipe.uses_text:
             self._setup_tokenizer(manifest, base)
         if pipe.uses_images:
             self._setup_images()
-        if spec.mode == "epoch":
-            self._check_epoch_mode()
-        elif spec.batches_per_epoch is not None and spec.batches_per_epoch < self.workers:
-            raise ValueError(f"batches_per_epoch={spec.batches_per_epoch} is below num_workers={self.workers}: "
-                             "each worker yields batches_per_epoch // num_workers batches")
         self.in_memory = [reads_in_memory(s, self.opts) for s in self.shards]
 
     @property
@@ -266,6 +268,8 @@ class _Plan:
                                   "write a manifest (sslscale shards --index), or use mode='resampled'") from None
                 counted.append(ShardInfo(s.url, s.local, n, s.tokens, s.sha256, s.size))
             self.shards = counted
+        if self.spec.pipeline == "clm" and any(s.tokens is None for s in self.shards):
+            return  # _setup_tokenizer explains what clm needs
         if self.per_worker_batches(0) < 1:
             smallest = min(self._slot_units(0))
             unit = "tokens" if self.spec.pipeline == "clm" else "samples"
@@ -313,7 +317,7 @@ class _Plan:
 
 def _new_state(epoch: int) -> dict:
     return {"epoch": epoch, "shard_pos": 0, "offset": 0, "batches": 0, "carry": [], "samples": 0,
-            "refill_shards": 0, "refill_samples": 0, "refill_warned": False, "skipped": {}, "shard_errors": {}}
+            "refill_shards": 0, "refill_samples": 0, "skipped": {}, "shard_errors": {}}
 
 
 class _PeakMemory:
@@ -417,13 +421,6 @@ class _Worker:
                     st["samples"] += 1
                     if refill:
                         st["refill_samples"] += 1
-                        if (refill_limit is not None and not st["refill_warned"]
-                                and st["refill_samples"] > refill_limit):
-                            st["refill_warned"] = True
-                            log.warning("rank %d worker %d: refill passes supplied %d samples of this epoch (over "
-                                        "refill_warn=%.0f%% of %d): bad data made these repeats; stats: %s",
-                                        plan.rank, self.worker, st["refill_samples"], 100 * spec.refill_warn,
-                                        target * spec.batch_size, self.errors.counts)
                     if pipe.packed:
                         carry.extend(item)
                         carry.append(textlib.EOS_ID)
@@ -440,6 +437,11 @@ class _Worker:
                         st["carry"] = list(carry)
                         yield batch, self._message()
                         if target is not None and st["batches"] >= target:
+                            if refill_limit is not None and st["refill_samples"] > refill_limit:
+                                log.warning("rank %d worker %d: refill passes supplied %d samples of epoch %d (over "
+                                            "refill_warn=%.0f%% of %d): bad data made these repeats; samples "
+                                            "lost: %s", plan.rank, self.worker, st["refill_samples"], self.epoch,
+                                            100 * spec.refill_warn, target * spec.batch_size, self.errors.counts)
                             return
             finally:
                 samples.close()
