@@ -104,41 +104,58 @@ def _crop_grid(w: torch.Tensor, h: torch.Tensor, cx: torch.Tensor, cy: torch.Ten
     return torch.stack(torch.broadcast_tensors(gx, gy), dim=-1)
 
 
+def _draw_crop(b: int, dims: list[tuple[int, int]] | None, size: int, cfg: AugmentConfig, gen: torch.Generator,
+               scale: tuple[float, float] | None) -> torch.Tensor:
+    """The sampling grids (B, size, size, 2) of random resized crops + flips; `dims` (H, W) per source, None when
+    all are square."""
+    area = _uniform(b, *(scale or cfg.crop_scale), gen)
+    log_ratio = _uniform(b, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]), gen)
+    ratio = torch.exp(log_ratio)
+    if dims is None:  # square sources: fractions of the side are fractions in pixels
+        w = torch.sqrt(area * ratio).clamp(max=1.0)  # fraction of the source width
+        h = torch.sqrt(area / ratio).clamp(max=1.0)
+    else:
+        aspect = torch.tensor([hh / ww for hh, ww in dims], dtype=torch.float32)  # H / W of each source
+        w = torch.sqrt(area * ratio * aspect).clamp(max=1.0)
+        h = torch.sqrt(area / ratio / aspect).clamp(max=1.0)
+    cx = (1 - w) * (2 * torch.rand(b, generator=gen) - 1)  # normalised centre, crop stays inside
+    cy = (1 - h) * (2 * torch.rand(b, generator=gen) - 1)
+    flip = torch.where(_coin(b, cfg.flip_p, gen), -1.0, 1.0)
+    return _crop_grid(w, h, cx, cy, flip, size)
+
+
+def _dims(x: torch.Tensor | list[torch.Tensor]) -> list[tuple[int, int]] | None:
+    if isinstance(x, torch.Tensor) and x.shape[-1] == x.shape[-2]:
+        return None
+    if isinstance(x, torch.Tensor):
+        return [tuple(x.shape[-2:])] * x.shape[0]
+    return [(t.shape[-2], t.shape[-1]) for t in x]
+
+
+def _sample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _sample_list(x: list[torch.Tensor], grid: torch.Tensor) -> torch.Tensor:
+    """grid_sample of sources of mixed sizes, per group of equal size."""
+    out = torch.empty(len(x), x[0].shape[0], *grid.shape[1:3])
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(x):
+        groups.setdefault(tuple(t.shape), []).append(i)
+    for idx in groups.values():
+        sel = torch.tensor(idx)
+        out[sel] = _sample(torch.stack([x[i] for i in idx]), grid[sel])
+    return out
+
+
 def resized_crop_flip(x: torch.Tensor | list[torch.Tensor], size: int, cfg: AugmentConfig, gen: torch.Generator,
                       scale: tuple[float, float] | None = None) -> torch.Tensor:
     """Random resized crop (area fraction `scale`, default cfg.crop_scale; aspect ratio in cfg.crop_ratio, in
     pixels) + horizontal flip, bilinear, to `size` x `size`. `x`: float (B, C, H, W), or a list of float
     (C, H, W) of different sizes (then sampled per group of equal size with the same per-sample draws)."""
     b = x.shape[0] if isinstance(x, torch.Tensor) else len(x)
-    area = _uniform(b, *(scale or cfg.crop_scale), gen)
-    log_ratio = _uniform(b, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]), gen)
-    ratio = torch.exp(log_ratio)
-    if isinstance(x, torch.Tensor) and x.shape[-1] == x.shape[-2]:
-        aspect = None  # square sources: fractions of the side are fractions in pixels
-    else:
-        dims = [(t.shape[-2], t.shape[-1]) for t in x] if not isinstance(x, torch.Tensor) else [x.shape[-2:]] * b
-        aspect = torch.tensor([hh / ww for hh, ww in dims], dtype=torch.float32)  # H / W of each source
-    if aspect is None:
-        w = torch.sqrt(area * ratio).clamp(max=1.0)  # fraction of the source width
-        h = torch.sqrt(area / ratio).clamp(max=1.0)
-    else:
-        w = torch.sqrt(area * ratio * aspect).clamp(max=1.0)
-        h = torch.sqrt(area / ratio / aspect).clamp(max=1.0)
-    cx = (1 - w) * (2 * torch.rand(b, generator=gen) - 1)  # normalised centre, crop stays inside
-    cy = (1 - h) * (2 * torch.rand(b, generator=gen) - 1)
-    flip = torch.where(_coin(b, cfg.flip_p, gen), -1.0, 1.0)
-    grid = _crop_grid(w, h, cx, cy, flip, size)
-    if isinstance(x, torch.Tensor):
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = torch.empty(b, x[0].shape[0], size, size)
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(x):
-        groups.setdefault(tuple(t.shape), []).append(i)
-    for idx in groups.values():
-        sel = torch.tensor(idx)
-        out[sel] = F.grid_sample(torch.stack([x[i] for i in idx]), grid[sel], mode="bilinear",
-                                 padding_mode="border", align_corners=False)
-    return out
+    grid = _draw_crop(b, _dims(x), size, cfg, gen, scale)
+    return _sample(x, grid) if isinstance(x, torch.Tensor) else _sample_list(x, grid)
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
@@ -146,97 +163,143 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    delta = maxc - minc
-    s = torch.where(maxc > 0, delta / maxc.clamp(min=1e-12), torch.zeros_like(maxc))
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    return torch.stack([h, s, maxc], 1)
+_SECTORS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
 
 
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.long() % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v),
-                                                         (v, p, q))], 0)  # (6, B, 3, H, W)
-    return choices.gather(0, i[None, :, None].expand(1, -1, 3, -1, -1)).squeeze(0)
+def hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue of RGB (B, 3, H, W) in [0, 1] by `shift` (B,) turns, keeping S and V: the HSV round trip
+    in closed form (channel n = V - (V - min) * clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1 for
+    R, G, B), without materialising H, S, V: ~2x cheaper than converting there and back."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    delta = maxc - torch.minimum(torch.minimum(r, g), b)
+    is_r, is_g = maxc == r, maxc == g  # colorsys' order on ties: r, then g, then b
+    diff = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
+    sector = torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0))
+    h6 = diff.div_(delta.clamp(min=1e-12)).add_(sector).add_(6.0 * shift.view(-1, 1, 1, 1))
+    k = (_SECTORS + h6).remainder_(6.0)
+    return torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).mul_(delta).neg_().add_(maxc)
+
+
+# Each augmentation is a draw (per-sample parameters for the whole batch, from the batch's generator, in a fixed
+# order) and an apply (on any slice of the batch with the matching slice of the parameters). simclr_view draws
+# everything first and then applies in cache-sized chunks: the same numbers, 2-3x faster at 224 px.
+def _draw_jitter(b: int, rgb: bool, cfg: AugmentConfig, gen: torch.Generator) -> dict:
+    p = {"apply": _coin(b, cfg.jitter_p, gen).view(b, 1, 1, 1),
+         "bright": _uniform(b, 1 - cfg.brightness, 1 + cfg.brightness, gen).view(b, 1, 1, 1),
+         "contrast": _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, gen).view(b, 1, 1, 1)}
+    if rgb:  # drawn only for colour batches: grey recipes keep their exact random stream
+        p["sat"] = _uniform(b, max(0.0, 1 - cfg.saturation), 1 + cfg.saturation, gen).view(b, 1, 1, 1)
+        p["shift"] = _uniform(b, -cfg.hue, cfg.hue, gen)
+    return p
+
+
+def _apply_jitter(x: torch.Tensor, p: dict, cfg: AugmentConfig) -> torch.Tensor:
+    rgb = x.shape[1] == 3
+    y = (x * p["bright"]).clamp_(0, 1)
+    mean = (_luma(y) if rgb else y).mean(dim=(1, 2, 3), keepdim=True)
+    y = ((y - mean) * p["contrast"] + mean).clamp_(0, 1)
+    if rgb:
+        grey = _luma(y)
+        y = ((y - grey) * p["sat"] + grey).clamp_(0, 1)
+        if cfg.hue > 0:
+            y = hue_shift(y, p["shift"]).clamp_(0, 1)
+    return torch.where(p["apply"], y, x)
 
 
 def color_jitter(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    b = x.shape[0]
-    rgb = x.shape[1] == 3
-    apply = _coin(b, cfg.jitter_p, gen).view(b, 1, 1, 1)
-    bright = _uniform(b, 1 - cfg.brightness, 1 + cfg.brightness, gen).view(b, 1, 1, 1)
-    contrast = _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, gen).view(b, 1, 1, 1)
-    y = (x * bright).clamp_(0, 1)
-    mean = (_luma(y) if rgb else y).mean(dim=(1, 2, 3), keepdim=True)
-    y = ((y - mean) * contrast + mean).clamp_(0, 1)
-    if rgb:  # drawn only for colour batches: grey recipes keep their exact random stream
-        sat = _uniform(b, max(0.0, 1 - cfg.saturation), 1 + cfg.saturation, gen).view(b, 1, 1, 1)
-        shift = _uniform(b, -cfg.hue, cfg.hue, gen).view(b, 1, 1)
-        grey = _luma(y)
-        y = ((y - grey) * sat + grey).clamp_(0, 1)
-        if cfg.hue > 0:
-            hsv = _rgb_to_hsv(y)
-            hsv = torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
-            y = _hsv_to_rgb(hsv).clamp_(0, 1)
-    return torch.where(apply, y, x)
+    """Brightness, contrast (around the luma mean), and for RGB saturation and hue, with probability jitter_p."""
+    return _apply_jitter(x, _draw_jitter(x.shape[0], x.shape[1] == 3, cfg, gen), cfg)
+
+
+def _apply_grayscale(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    return torch.where(apply.view(-1, 1, 1, 1), _luma(x).expand_as(x), x)
 
 
 def random_grayscale(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """RGB views turned grey (replicated to 3 channels) with probability grayscale_p; grey input unchanged."""
     if x.shape[1] != 3:
         return x
-    apply = _coin(x.shape[0], cfg.grayscale_p, gen).view(-1, 1, 1, 1)
-    return torch.where(apply, _luma(x).expand_as(x), x)
+    return _apply_grayscale(x, _coin(x.shape[0], cfg.grayscale_p, gen))
 
 
-def gaussian_blur(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    b, c, hgt, wid = x.shape
+def _draw_blur(b: int, c: int, cfg: AugmentConfig, gen: torch.Generator) -> dict:
     apply = _coin(b, cfg.blur_p, gen).view(b, 1, 1, 1)
     sigma = _uniform(b, *cfg.blur_sigma, gen)
     k = cfg.blur_kernel
     offsets = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
     kernel = torch.exp(-(offsets[None] ** 2) / (2 * sigma[:, None] ** 2))
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (b*c, k)
+    return {"apply": apply, "kernel": kernel / kernel.sum(1, keepdim=True)}  # (b, k)
+
+
+def _apply_blur(x: torch.Tensor, p: dict) -> torch.Tensor:
+    b, c, hgt, wid = x.shape
+    k = p["kernel"].shape[1]
+    kernel = p["kernel"].repeat_interleave(c, 0)  # (b*c, k)
     y = F.pad(x.reshape(1, b * c, hgt, wid), (k // 2,) * 4, mode="replicate")
     y = F.conv2d(y, kernel.view(b * c, 1, k, 1), groups=b * c)
     y = F.conv2d(y, kernel.view(b * c, 1, 1, k), groups=b * c)
-    return torch.where(apply, y.view(b, c, hgt, wid), x)
+    return torch.where(p["apply"], y.view(b, c, hgt, wid), x)
+
+
+def gaussian_blur(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    return _apply_blur(x, _draw_blur(x.shape[0], x.shape[1], cfg, gen))
+
+
+def _apply_solarize(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    return torch.where(apply.view(-1, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
 
 
 def solarize(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    apply = _coin(x.shape[0], cfg.solarize_p, gen).view(-1, 1, 1, 1)
-    return torch.where(apply & (x >= 0.5), 1.0 - x, x)
+    return _apply_solarize(x, _coin(x.shape[0], cfg.solarize_p, gen))
+
+
+def _apply_noise(x: torch.Tensor, apply: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    return torch.where(apply.view(-1, 1, 1, 1), (x + eps).clamp_(0, 1), x)
 
 
 def noise(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    apply = _coin(x.shape[0], cfg.noise_p, gen).view(-1, 1, 1, 1)
-    eps = torch.randn(x.shape, generator=gen) * cfg.noise_std
-    return torch.where(apply, (x + eps).clamp_(0, 1), x)
+    apply = _coin(x.shape[0], cfg.noise_p, gen)
+    return _apply_noise(x, apply, torch.randn(x.shape, generator=gen) * cfg.noise_std)
 
 
 def _as_float(images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
     return to_float(images) if isinstance(images, torch.Tensor) else [to_float(t) for t in images]
 
 
+CHUNK_ELEMENTS = 1 << 21  # floats of one chunk of views (8 MiB): 13 RGB views at 224 px; a whole grey 28 px batch
+
+
+def _slice(p: dict, i: int, j: int) -> dict:
+    return {k: v[i:j] for k, v in p.items()}
+
+
 def simclr_view(images: torch.Tensor | list[torch.Tensor], size: int, cfg: AugmentConfig, gen: torch.Generator,
                 scale: tuple[float, float] | None = None) -> torch.Tensor:
-    """One augmented view of uint8 images ((B, C, H, W), or a list of (C, H, W) of mixed sizes)."""
-    x = resized_crop_flip(_as_float(images), size, cfg, gen, scale)
-    x = color_jitter(x, cfg, gen)
-    x = random_grayscale(x, cfg, gen)
-    x = gaussian_blur(x, cfg, gen)
-    x = solarize(x, cfg, gen)
-    return noise(x, cfg, gen).contiguous()
+    """One augmented view of uint8 images ((B, C, H, W), or a list of (C, H, W) of mixed sizes): crop + flip,
+    colour jitter, grayscale (RGB), blur, solarize, noise, with every random number drawn first in that order."""
+    b = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+    c = images.shape[1] if isinstance(images, torch.Tensor) else images[0].shape[0]
+    grid = _draw_crop(b, _dims(images), size, cfg, gen, scale)
+    jitter = _draw_jitter(b, c == 3, cfg, gen)
+    grey = _coin(b, cfg.grayscale_p, gen) if c == 3 else None
+    blur = _draw_blur(b, c, cfg, gen)
+    sol = _coin(b, cfg.solarize_p, gen)
+    noisy = _coin(b, cfg.noise_p, gen)
+    eps = torch.randn((b, c, size, size), generator=gen) * cfg.noise_std
+    cropped = None if isinstance(images, torch.Tensor) else _sample_list(_as_float(images), grid)
+    step = max(1, CHUNK_ELEMENTS // (c * size * size))
+    out = []
+    for i in range(0, b, step):
+        j = min(b, i + step)
+        x = _sample(to_float(images[i:j]), grid[i:j]) if cropped is None else cropped[i:j]
+        x = _apply_jitter(x, _slice(jitter, i, j), cfg)
+        if grey is not None:
+            x = _apply_grayscale(x, grey[i:j])
+        x = _apply_blur(x, _slice(blur, i, j))
+        x = _apply_solarize(x, sol[i:j])
+        out.append(_apply_noise(x, noisy[i:j], eps[i:j]))
+    return (out[0] if len(out) == 1 else torch.cat(out)).contiguous()
 
 
 def simclr_batch(images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, size: int, cfg: AugmentConfig,
