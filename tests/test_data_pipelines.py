@@ -7,12 +7,17 @@ import colorsys
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from sslscale.data import PIPELINES, StreamSpec, build_stream, preprocessing, register_pipeline
-from sslscale.data import vision
+from sslscale.data import (
+    PIPELINES,
+    StreamSpec,
+    build_stream,
+    preprocessing,
+    register_pipeline,
+    vision,
+)
 from sslscale.data.pipelines import describe
 
 from .data_helpers import shards

@@ -20,8 +20,9 @@ samples. `describe()` renders every pipeline's batch keys: the one place they ar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,12 +36,12 @@ from sslscale.data.reading import ErrorCounter, flag_reason
 @dataclass(frozen=True)
 class Pipeline:
     name: str
-    build: Callable[["PipelineContext", list, torch.Generator], dict]
+    build: Callable[[PipelineContext, list, torch.Generator], dict]
     needs: tuple[str, ...]
     optional: tuple[str, ...] = ()
     keys: Callable[[Any], dict[str, str]] = field(default=lambda spec: {})
     image_keys: tuple[str, ...] = ()
-    prepare: Callable[["PipelineContext", dict], Any] | None = None
+    prepare: Callable[[PipelineContext, dict], Any] | None = None
     packed: bool = False
 
     @property

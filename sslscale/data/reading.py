@@ -27,14 +27,20 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from sslscale.data.shardlist import ShardInfo
-from sslscale.data.tar import FLAGS, BufferSource, StreamSource, TarReader, group_samples
+from sslscale.data.tar import (
+    FLAGS,
+    BufferSource,
+    StreamSource,
+    TarReader,
+    group_samples,
+)
 
 log = logging.getLogger("sslscale.data")
 _WARN_EVERY_S = 10.0

@@ -37,8 +37,9 @@ import hashlib
 import importlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -48,7 +49,14 @@ from sslscale.data import pipelines as pipes
 from sslscale.data import text as textlib
 from sslscale.data import vision
 from sslscale.data.pipelines import PipelineContext, decode_sample, get_pipeline
-from sslscale.data.reading import ErrorCounter, ReadOptions, count_samples, first_samples, reads_in_memory, visit_shard
+from sslscale.data.reading import (
+    ErrorCounter,
+    ReadOptions,
+    count_samples,
+    first_samples,
+    reads_in_memory,
+    visit_shard,
+)
 from sslscale.data.shardlist import ShardInfo, resolve_shards
 
 log = logging.getLogger("sslscale.data")
@@ -660,4 +668,4 @@ def preprocessing(spec: StreamSpec) -> dict:
             "pipeline": spec.pipeline}
 
 
-__all__ = ["StreamSpec", "Stream", "build_stream", "read_all", "preprocessing", "resolve_shards"]
+__all__ = ["Stream", "StreamSpec", "build_stream", "preprocessing", "read_all", "resolve_shards"]

@@ -18,7 +18,8 @@ of the base name, consecutive members with one key form a sample, extensions low
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 BLOCK = 512
 _ZERO = bytes(BLOCK)
