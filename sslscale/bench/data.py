@@ -4,8 +4,8 @@
   72 px JPEGs) and 224 px (from 256 px JPEGs), over shards of `--shard-mb` (256 MB: streamed, never held whole),
   side by side with a plain webdataset pipeline doing the same work: `WebDataset(resampled) .shuffle(1000)
   .decode("rgb8") .to_tuple .batched`, then the same batched augmentation (`sslscale.data.vision.simclr_batch`).
-  Reported: source images per second and the peak extra resident memory per worker (VmHWM above the worker's
-  size at start; with 0 workers, the main process's);
+  Reported: source images per second (mean of two visits per side, in ABBA order) and the peak extra resident
+  memory per worker (VmHWM above the worker's size at start; with 0 workers, the main process's);
 - two-view Fashion-MNIST (`.npy` shards of 1,000 samples: read in memory) and the same shards streamed;
 - MLM and CLM on BBC News: tokens per second (MLM: non-padding tokens; CLM: every block token);
 - per-image decode rates: `.npy` (cached-header fast path) vs `np.load`, JPEG with simplejpeg vs Pillow.
@@ -235,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
     from sslscale.data import StreamSpec
     from sslscale.data.shards import write_shards
 
+    common._pin_malloc()  # freed large blocks go back to the OS: peaks are not hidden by reuse of an earlier case's heap
     workers = [int(w) for w in args.workers.split(",")]
     batches = args.batches or (12 if args.quick else 40)
     warmup = args.warmup or (2 if args.quick else 4)
@@ -265,11 +266,21 @@ def run(args: argparse.Namespace) -> int:
             for w in workers:
                 spec = StreamSpec(shards=urls, pipeline="simclr", batch_size=args.jpeg_batch_size, num_workers=w,
                                   mode="resampled", seed=0, image_size=size, channels=3)
-                add({"case": name, "impl": "sslscale", "workers": w, "unit": "samples/s", "shard_mb": mb,
-                     **_stream_case(spec, warmup, jpeg_batches, lambda b: b["view1"].shape[0])})
-                if "wds" not in skip:
-                    add({"case": name, "impl": "webdataset", "workers": w, "unit": "samples/s", "shard_mb": mb,
-                         **_wds_case(urls, w, args.jpeg_batch_size, size, warmup, jpeg_batches)})
+                runs: dict[str, list[dict]] = {"sslscale": [], "webdataset": []}
+                # ABBA: the shared machine's speed drifts within minutes; each side is measured twice
+                for impl in ("sslscale", "webdataset", "webdataset", "sslscale"):
+                    if impl == "webdataset" and "wds" in skip:
+                        continue
+                    runs[impl].append(_stream_case(spec, warmup, jpeg_batches, lambda b: b["view1"].shape[0])
+                                      if impl == "sslscale" else
+                                      _wds_case(urls, w, args.jpeg_batch_size, size, warmup, jpeg_batches))
+                for impl, results in runs.items():
+                    if results:
+                        add({"case": name, "impl": impl, "workers": w, "unit": "samples/s", "shard_mb": mb,
+                             "rate": sum(r["rate"] for r in results) / len(results),
+                             "rates": [r["rate"] for r in results],
+                             "first_batch_s": max(r["first_batch_s"] for r in results),
+                             "peak_mib_per_worker": max((r["peak_mib_per_worker"] or 0) for r in results)})
         if "fmnist" not in skip:
             for label, extra in (("two-view fashion-mnist", {}), ("two-view fashion-mnist streamed",
                                                                   {"in_memory_mb": 0})):
