@@ -251,6 +251,8 @@ def _index_paths(target: str) -> list[Path]:
     if not paths:
         raise FileNotFoundError(f"--index {target}: no *.tar files found")
     missing = [p for p in paths if not os.path.isfile(p)]
+    if missing and len(paths) == 1:
+        raise FileNotFoundError(f"--index {target}: no such directory or shard file")
     if missing:
         raise FileNotFoundError(f"--index {target}: {len(missing)} shards do not exist, first {missing[0]!r}")
     return [Path(p) for p in paths]
