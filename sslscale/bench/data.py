@@ -6,6 +6,7 @@
   .decode("rgb8") .to_tuple .batched`, then the same batched augmentation (`sslscale.data.vision.simclr_batch`).
   Reported: source images per second (mean of two visits per side, in ABBA order) and the peak extra resident
   memory per worker (VmHWM above the worker's size at start; with 0 workers, the main process's);
+- the data path alone at 256 px (read, decode, batch; `labeled` pipeline vs webdataset's decode("rgb8") + collate);
 - two-view Fashion-MNIST (`.npy` shards of 1,000 samples: read in memory) and the same shards streamed;
 - MLM and CLM on BBC News: tokens per second (MLM: non-padding tokens; CLM: every block token);
 - per-image decode rates: `.npy` (cached-header fast path) vs `np.load`, JPEG with simplejpeg vs Pillow.
@@ -105,8 +106,8 @@ def _wds_pipeline_class():
 
 class _WdsBody:
 
-    def __init__(self, urls: list[str], batch_size: int, size: int):
-        self.urls, self.batch_size, self.size = urls, batch_size, size
+    def __init__(self, urls: list[str], batch_size: int, size: int | None):
+        self.urls, self.batch_size, self.size = urls, batch_size, size  # size None: decode + batch only
 
     def __iter__(self):
         import torch
@@ -129,12 +130,14 @@ class _WdsBody:
                              seed=info.id if info is not None else 0)
               .shuffle(1000).decode("rgb8").to_tuple("jpg", "cls").batched(self.batch_size, collation_fn=collate))
         for index, (images, labels) in enumerate(ds):
-            gen = torch.Generator().manual_seed(index)
-            batch = vision.simclr_batch(images, labels, self.size, cfg, gen)
+            if self.size is None:
+                batch = vision.labeled_batch(images, labels)
+            else:
+                batch = vision.simclr_batch(images, labels, self.size, cfg, torch.Generator().manual_seed(index))
             yield batch, (peak.mib() if peak is not None else None)
 
 
-def _wds_case(urls: list[str], workers: int, batch_size: int, size: int, warmup: int, batches: int) -> dict:
+def _wds_case(urls: list[str], workers: int, batch_size: int, size: int | None, warmup: int, batches: int) -> dict:
     import torch
 
     main = _MainPeak() if workers == 0 else None
@@ -147,7 +150,7 @@ def _wds_case(urls: list[str], workers: int, batch_size: int, size: int, warmup:
         batch, peak = item
         if peak is not None:
             peaks.append(peak)
-        return batch["view1"].shape[0]
+        return batch["view1" if size is not None else "image"].shape[0]
 
     it = iter(loader) if workers else iter(dataset)
     before = torch.get_num_threads()
@@ -260,20 +263,25 @@ def run(args: argparse.Namespace) -> int:
                 jpeg_dirs[side] = _write_jpeg_shards(tmp / f"jpeg{side}", side, shard_mb)
         for r in _decode_rows(tmp / "fm", jpeg_dirs):
             add(r)
-        for size, side in JPEG_CASES if "jpeg" not in skip else ():
-            name, urls = f"two-view JPEG {side}->{size}px", jpeg_dirs[side]
+        jpeg_cases = [(f"two-view JPEG {side}->{size}px", size, side, "simclr", jpeg_batches)
+                      for size, side in JPEG_CASES]
+        jpeg_cases.append((f"decode+batch JPEG {JPEG_CASES[-1][1]}px", None, JPEG_CASES[-1][1], "labeled",
+                           4 * jpeg_batches))  # the data path alone: read, decode, batch; no augmentation
+        for name, size, side, pipeline, n in jpeg_cases if "jpeg" not in skip else ():
+            urls = jpeg_dirs[side]
             mb = Path(urls[0]).stat().st_size / (1 << 20)
+            key = "view1" if size is not None else "image"
             for w in workers:
-                spec = StreamSpec(shards=urls, pipeline="simclr", batch_size=args.jpeg_batch_size, num_workers=w,
+                spec = StreamSpec(shards=urls, pipeline=pipeline, batch_size=args.jpeg_batch_size, num_workers=w,
                                   mode="resampled", seed=0, image_size=size, channels=3)
                 runs: dict[str, list[dict]] = {"sslscale": [], "webdataset": []}
                 # ABBA: the shared machine's speed drifts within minutes; each side is measured twice
                 for impl in ("sslscale", "webdataset", "webdataset", "sslscale"):
                     if impl == "webdataset" and "wds" in skip:
                         continue
-                    runs[impl].append(_stream_case(spec, warmup, jpeg_batches, lambda b: b["view1"].shape[0])
+                    runs[impl].append(_stream_case(spec, warmup, n, lambda b, k=key: b[k].shape[0])
                                       if impl == "sslscale" else
-                                      _wds_case(urls, w, args.jpeg_batch_size, size, warmup, jpeg_batches))
+                                      _wds_case(urls, w, args.jpeg_batch_size, size, warmup, n))
                 for impl, results in runs.items():
                     if results:
                         add({"case": name, "impl": impl, "workers": w, "unit": "samples/s", "shard_mb": mb,
@@ -307,12 +315,11 @@ def run(args: argparse.Namespace) -> int:
     target = 2000.0
     if two_view:
         print(f"best two-view Fashion-MNIST rate {max(two_view):,.0f} samples/s (target >= {target:,.0f})")
-    for size, side in JPEG_CASES:
-        ours = [r for r in rows if r["case"] == f"two-view JPEG {side}->{size}px"]
+    for name in dict.fromkeys(r["case"] for r in rows if "JPEG" in r["case"] and r["impl"] != "-"):
         for w in workers:
-            pair = {r["impl"]: r["rate"] for r in ours if r["workers"] == w}
+            pair = {r["impl"]: r["rate"] for r in rows if r["case"] == name and r["workers"] == w}
             if len(pair) == 2:
-                print(f"JPEG {size}px, {w} workers: sslscale / webdataset = {pair['sslscale'] / pair['webdataset']:.2f}x")
+                print(f"{name}, {w} workers: sslscale / webdataset = {pair['sslscale'] / pair['webdataset']:.2f}x")
     common.write_json(args.out, "data", {"batch_size": args.batch_size, "jpeg_batch_size": args.jpeg_batch_size,
                                          "seq_len": args.seq_len, "timed_batches": batches,
                                          "jpeg_timed_batches": jpeg_batches, "shard_mb": shard_mb, "rows": rows,
