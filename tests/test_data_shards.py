@@ -107,7 +107,7 @@ def test_imagefolder_and_errors(tmp_path):
         for i in range(3):
             np.save(tmp_path / "imgs" / "train" / cls / f"{i}.npy", rng.integers(0, 256, (8, 8), dtype=np.uint8))
     data = load_source(f"imagefolder:{tmp_path / 'imgs'}", "train")
-    assert data.images.shape == (6, 1, 8, 8) and data.label_names == ["cats", "dogs"]
+    assert len(data.images) == 6 and data.images[0].shape == (1, 8, 8) and data.label_names == ["cats", "dogs"]
     assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
     for cls, words in (("neg", "awful dull"), ("pos", "lovely bright")):
         (tmp_path / "txt" / cls).mkdir(parents=True)

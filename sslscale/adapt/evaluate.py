@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
 
 from sslscale.adapt import probe
-from sslscale.adapt.datasets import SOURCES, load_split
+from sslscale.adapt.datasets import SOURCES, load_shards, load_split
 from sslscale.models import encoder_from_config, load_encoder, read_metadata
 
 ROWS = ("pretrained", "random_init", "raw_pixels")
@@ -28,8 +29,15 @@ ROWS = ("pretrained", "random_init", "raw_pixels")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("encoder", help="exported encoder (.safetensors with sslscale metadata or a sidecar .json)")
-    p.add_argument("--source", default="fashion-mnist", choices=sorted(SOURCES), help="labeled dataset")
+    p.add_argument("--source", default="fashion-mnist", choices=sorted(SOURCES), help="labeled dataset (IDX files)")
     p.add_argument("--data-dir", default=None, help="folder with the IDX files (default: the source's location)")
+    p.add_argument("--train-shards", default=None, help="labelled shards to probe on instead of --source (a shard "
+                   "directory, manifest.json, paths or URLs; grey or RGB, any size)")
+    p.add_argument("--test-shards", default=None, help="labelled shards scored by the probe (with --train-shards)")
+    p.add_argument("--image-size", type=int, default=None, help="resize + centre-crop images to this side "
+                   "(default: the encoder's preprocessing metadata, else as stored)")
+    p.add_argument("--channels", type=int, default=None, choices=(1, 3),
+                   help="convert images to 1 or 3 channels (default: the encoder's preprocessing, else as stored)")
     p.add_argument("--labels-per-class", type=int, default=10, help="k of the few-label probe (default 10)")
     p.add_argument("--seeds", type=int, default=3, help="label subsets drawn for the few-label probe (default 3)")
     p.add_argument("--bn", default="keep", choices=("keep", "auto", "reestimate"),
@@ -94,19 +102,43 @@ def print_results(res: dict) -> None:
         print(f"{names[row]:<{width}}  {few:>22}  {100 * r['all_labels']['accuracy']:>18.1f}")
 
 
+def load_data(args: argparse.Namespace, meta: dict) -> tuple[tuple, tuple, str, dict]:
+    """(train, test, source name, preprocessing used): labelled shards when --train-shards is given, else the
+    IDX source; images prepared as the encoder's exported preprocessing says, overridden by the flags."""
+    pre = dict(meta.get("preprocessing") or {})
+    if args.image_size is not None:
+        pre["image_size"] = args.image_size
+    if args.channels is not None:
+        pre["channels"] = args.channels
+    if (args.train_shards is None) != (args.test_shards is None):
+        raise ValueError("--train-shards and --test-shards go together")
+    if args.train_shards is not None:
+        train = load_shards(args.train_shards, pre, limit=args.limit_train)
+        test = load_shards(args.test_shards, pre, limit=args.limit_test)
+        return train, test, f"shards:{args.train_shards}", pre
+    train = load_split(args.source, "train", args.data_dir, pre)
+    test = load_split(args.source, "test", args.data_dir, pre)
+    if args.limit_train:
+        train = (train[0][: args.limit_train], train[1][: args.limit_train])
+    if args.limit_test:
+        test = (test[0][: args.limit_test], test[1][: args.limit_test])
+    return train, test, args.source, pre
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_flush_denormal(True)  # denormals in BN/ReLU features otherwise slow CPU convolutions a lot
     start = time.perf_counter()
     encoder = load_encoder(args.encoder)
     meta = read_metadata(args.encoder)
-    train = load_split(args.source, "train", args.data_dir)
-    test = load_split(args.source, "test", args.data_dir)
-    if args.limit_train:
-        train = (train[0][: args.limit_train], train[1][: args.limit_train])
-    if args.limit_test:
-        test = (test[0][: args.limit_test], test[1][: args.limit_test])
+    from sslscale.data import CorruptDataError
+
+    try:
+        train, test, source, pre = load_data(args, meta)
+    except (OSError, ValueError, CorruptDataError) as e:
+        print(f"sslscale evaluate: error: cannot load the evaluation data: {e}", file=sys.stderr)
+        return 2
     res = evaluate(encoder, train, test, args.labels_per_class, args.seeds, args.bn, args.init_seed)
-    res.update({"encoder": args.encoder, "encoder_config": meta["encoder"], "source": args.source,
+    res.update({"encoder": args.encoder, "encoder_config": meta["encoder"], "source": source, "preprocessing": pre,
                 "seconds": round(time.perf_counter() - start, 2)})
     print_results(res)
     print(f"({res['seconds']:.0f} s; features standardised with training-split statistics; "

@@ -13,9 +13,13 @@ Splits (all deterministic, documented here because they are part of the data con
   first byte of sha1(normalised text) % 5 == 0 (about 20%), so the split never depends on file order.
 - wordnet-nouns: the gloss of each noun synset in data.noun, label = lexicographer file (26 noun classes);
   test when synset offset % 10 == 0.
+- fashion-mnist-captions: fashion-mnist's images and labels with a caption each (`sslscale.data.captions`: class
+  nouns, attribute words and the image's tone through templates, deterministic per split and index).
 - imagefolder:PATH / textfiles:PATH: PATH/<split>/<class>/file when PATH/<split> exists, else PATH/<class>/file
-  with test = sha1(relative path) first byte % 10 == 0. Images are `.npy` uint8 arrays (H, W) or (1, H, W);
-  `.png` is read only when Pillow is installed (it is not on this machine). Texts are utf-8 `.txt` files.
+  with test = sha1(relative path) first byte % 10 == 0. Images are `.jpg/.jpeg/.png/.webp` files (Pillow /
+  simplejpeg) or `.npy` uint8 arrays ((H, W), (C, H, W) or (H, W, C)); they keep their channels (grey stays 1
+  channel, RGB 3; alpha dropped) and their sizes (mixed sizes allowed), and are read lazily, one at a time.
+  Texts are utf-8 `.txt` files.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ import hashlib
 import importlib.util
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from sslscale.data import decode as dec
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 WORDNET_NOUNS = Path("/usr/share/wordnet/data.noun")
@@ -42,8 +49,9 @@ WORDNET_NOUN_CLASSES = [
     "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
 ]
 SPLITS = ("train", "test")
-SOURCES = ("fashion-mnist", "mnist5k", "shakespeare", "bbc-news", "wordnet-nouns", "imagefolder:PATH",
-           "textfiles:PATH")
+SOURCES = ("fashion-mnist", "fashion-mnist-captions", "mnist5k", "shakespeare", "bbc-news", "wordnet-nouns",
+           "imagefolder:PATH", "textfiles:PATH")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".npy")
 
 
 class SourceMissing(FileNotFoundError):
@@ -52,18 +60,21 @@ class SourceMissing(FileNotFoundError):
 
 @dataclass
 class SourceData:
-    """One split of one source, in memory. Exactly one of `images` / `texts` is set."""
+    """One split of one source. `images` and / or `texts` are set: images as a uint8 array (N, C, H, W) or a
+    sequence of N uint8 (C, H, W) arrays (sizes may differ; image folders load them on access)."""
 
     name: str
     split: str
     labels: np.ndarray  # int64 (N,)
     label_names: list[str]
-    images: np.ndarray | None = None  # uint8 (N, 1, H, W)
+    images: np.ndarray | Sequence[np.ndarray] | None = None
     texts: list[str] | None = None
 
     @property
     def kind(self) -> str:
-        return "image" if self.images is not None else "text"
+        if self.images is not None:
+            return "image-text" if self.texts is not None else "image"
+        return "text"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -87,15 +98,33 @@ def _sha1_byte(text: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- images
-def _read_idx(path: Path) -> np.ndarray:
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Parse one IDX file (gzip or not; `path` or `path.gz`): magic (0, 0, dtype code, ndim), big-endian dims,
+    then the raw array. The one IDX reader of sslscale (sources and `sslscale evaluate`)."""
+    path = Path(path)
+    if not path.exists() and Path(str(path) + ".gz").exists():
+        path = Path(str(path) + ".gz")
+    if not path.exists():
+        raise FileNotFoundError(f"IDX file {str(path)!r} (or {path}.gz) not found; for Fashion-MNIST install the "
+                                "Debian package dataset-fashion-mnist")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte idx file (header {data[:4]!r})")
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{str(path)!r} is not an IDX file (bad magic {data[:4]!r})")
+    if data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{str(path)!r}: unknown IDX dtype code {data[2]:#x}")
+    ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{str(path)!r}: header cut short")
     dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    arr = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise ValueError(f"{str(path)!r}: header says {dims} ({int(np.prod(dims))} values) but holds {arr.size}")
+    return arr.reshape(dims)
 
 
 def _find_idx(stem: str) -> Path:
@@ -108,9 +137,18 @@ def _find_idx(stem: str) -> Path:
 
 def _fashion_mnist(split: str) -> SourceData:
     prefix = "train" if split == "train" else "t10k"
-    images = _read_idx(_find_idx(f"{prefix}-images-idx3-ubyte"))
-    labels = _read_idx(_find_idx(f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    images = read_idx(_find_idx(f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find_idx(f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
     return SourceData("fashion-mnist", split, labels, list(FASHION_LABELS), images=images[:, None].copy())
+
+
+def _fashion_mnist_captions(split: str) -> SourceData:
+    from sslscale.data.captions import captions
+
+    data = _fashion_mnist(split)
+    data.name = "fashion-mnist-captions"
+    data.texts = captions(data.images, data.labels, split)
+    return data
 
 
 def _mnist5k(split: str) -> SourceData:
@@ -130,24 +168,40 @@ def _mnist5k(split: str) -> SourceData:
     return SourceData("mnist5k", split, labels[keep], [str(d) for d in range(10)], images=images)
 
 
-def _load_image_file(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
-    elif path.suffix == ".png":
+def load_image_file(path: Path) -> np.ndarray:
+    """An image file as uint8 (C, H, W) with its own channels (1 or 3)."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
         try:
-            from PIL import Image  # optional: not installed on the reference machine
-        except ImportError as e:
-            raise SourceMissing(f"{path}: reading PNG needs Pillow (`pip install pillow`); or store .npy") from e
-        arr = np.asarray(Image.open(path).convert("L"))
-    else:
-        raise ValueError(f"{path}: unsupported image file (expected .npy or .png)")
-    if arr.dtype != np.uint8:
-        raise ValueError(f"{path}: expected uint8 pixels, got {arr.dtype}")
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3 or arr.shape[0] != 1:
-        raise ValueError(f"{path}: expected a (H, W) or (1, H, W) grayscale image, got shape {arr.shape}")
-    return arr
+            return dec.check_image(np.load(path, allow_pickle=False), None)
+        except dec.Malformed as e:
+            raise ValueError(f"{path}: {e}") from None
+    if suffix not in IMAGE_SUFFIXES:
+        raise ValueError(f"{path}: unsupported image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
+    try:
+        return dec.decode_image(suffix[1:], path.read_bytes(), None)
+    except dec.Malformed as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+class ImageFiles(Sequence):
+    """Images of a folder, decoded on access (a big folder never sits in memory whole). `encoded(i)` gives the
+    file's own (extension, bytes), so shards can store JPEG/PNG/WebP files unchanged."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return load_image_file(self.paths[i])
+
+    def encoded(self, i: int) -> tuple[str, bytes]:
+        suffix = self.paths[i].suffix.lower()[1:]
+        return ("jpg" if suffix == "jpeg" else suffix), self.paths[i].read_bytes()
 
 
 def _folder_files(root: Path, split: str, suffixes: tuple[str, ...]) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -161,7 +215,7 @@ def _folder_files(root: Path, split: str, suffixes: tuple[str, ...]) -> tuple[li
     files = []
     for label, cls in enumerate(classes):
         for p in sorted((base / cls).iterdir()):
-            if p.suffix not in suffixes:
+            if p.suffix.lower() not in suffixes:
                 continue
             if by_hash and ((_sha1_byte(str(p.relative_to(root))) % 10 == 0) != (split == "test")):
                 continue
@@ -172,13 +226,9 @@ def _folder_files(root: Path, split: str, suffixes: tuple[str, ...]) -> tuple[li
 
 
 def _imagefolder(root: Path, split: str) -> SourceData:
-    files, classes = _folder_files(root, split, (".npy", ".png"))
-    images = [_load_image_file(p) for p, _ in files]
-    shapes = {im.shape for im in images}
-    if len(shapes) != 1:
-        raise ValueError(f"{root}: all images must share one shape, found {sorted(shapes)[:4]}")
+    files, classes = _folder_files(root, split, IMAGE_SUFFIXES)
     return SourceData(f"imagefolder:{root}", split, np.array([y for _, y in files], dtype=np.int64), classes,
-                      images=np.stack(images))
+                      images=ImageFiles([p for p, _ in files]))
 
 
 # ------------------------------------------------------------------------------------------------------ texts
@@ -293,6 +343,7 @@ def _textfiles(root: Path, split: str) -> SourceData:
 
 _LOADERS = {
     "fashion-mnist": _fashion_mnist,
+    "fashion-mnist-captions": _fashion_mnist_captions,
     "mnist5k": _mnist5k,
     "shakespeare": _shakespeare,
     "bbc-news": _bbc_news,
@@ -318,15 +369,22 @@ def load_arrays(source: str, split: str, limit: int | None = None):
     import torch
 
     data = load_source(source, split)
-    if data.kind != "image":
+    if data.images is None:
         raise ValueError(f"load_arrays needs an image source, {source!r} holds text")
     n = len(data) if limit is None else min(limit, len(data))
-    return torch.from_numpy(np.ascontiguousarray(data.images[:n])), torch.from_numpy(data.labels[:n].copy())
+    images = data.images[:n]
+    if not isinstance(images, np.ndarray):
+        shapes = {im.shape for im in images}
+        if len(shapes) > 1:
+            raise ValueError(f"{source}: images of several sizes {sorted(shapes)[:3]} cannot form one array; "
+                             "write shards and read them with an image_size")
+        images = np.stack(images)
+    return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(data.labels[:n].copy())
 
 
 def label_names(source: str) -> list[str]:
     """Class names of a source, index = label."""
-    if source == "fashion-mnist":
+    if source in ("fashion-mnist", "fashion-mnist-captions"):
         return list(FASHION_LABELS)
     if source == "mnist5k":
         return [str(d) for d in range(10)]

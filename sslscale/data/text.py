@@ -15,12 +15,16 @@ Conventions:
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 
 PAD, CLS, SEP, MASK, EOS, UNK = "[PAD]", "[CLS]", "[SEP]", "[MASK]", "[EOS]", "[UNK]"
+# the roles Hugging Face tokenizers give them (tokenizer_config.json / special_tokens_map.json)
+HF_SPECIAL_TOKENS = {"pad_token": PAD, "cls_token": CLS, "sep_token": SEP, "mask_token": MASK, "eos_token": EOS,
+                     "unk_token": UNK}
 SPECIAL_TOKENS = [PAD, CLS, SEP, MASK, EOS, UNK]
 PAD_ID, CLS_ID, SEP_ID, MASK_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 NUM_SPECIAL = len(SPECIAL_TOKENS)
@@ -40,7 +44,20 @@ def train_tokenizer(texts: list[str], path: str | os.PathLike, vocab_size: int =
     tok.train_from_iterator(texts, trainer=trainer)
     _check_specials(tok, path)
     tok.save(str(path))
+    write_hf_config(Path(path).parent)
     return tok
+
+
+def write_hf_config(directory: str | os.PathLike) -> None:
+    """`tokenizer_config.json` + `special_tokens_map.json` beside `tokenizer.json`, so that
+    `transformers.AutoTokenizer.from_pretrained(directory)` (a PreTrainedTokenizerFast) knows which tokens are
+    pad / cls / sep / mask / eos / unk. Ids come without special tokens (no post-processor): the pipelines add
+    [CLS] / [SEP] / [EOS] themselves."""
+    directory = Path(directory)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "model_input_names": ["input_ids", "attention_mask"], **HF_SPECIAL_TOKENS}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    (directory / "special_tokens_map.json").write_text(json.dumps(HF_SPECIAL_TOKENS, indent=1))
 
 
 def load_tokenizer(path: str | os.PathLike):
