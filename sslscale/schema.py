@@ -57,9 +57,13 @@ def one_of(*allowed: Any) -> Check:
 
 
 def nearest(key: str, valid: collections.abc.Iterable[str]) -> str:
-    """"; did you mean 'x'?" for the closest valid name, or "" when there is none."""
-    close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.0)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    """"; did you mean 'x'?" for a close valid name; otherwise the valid names (a far-fetched "did you mean"
+    misleads: BYOL has no 'temperature', and 'temprature' is not a typo of 'batch_norm')."""
+    names = sorted(map(str, valid))
+    close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; expected one of {', '.join(map(repr, names))}" if names else "; this section takes no keys"
 
 
 def unknown_key(key: str, name: str, valid: collections.abc.Iterable[str]) -> ConfigError:

@@ -131,7 +131,8 @@ def test_yaml_comments_document_every_key(recipe):
     ("objective.name=simclrr", r"objective.name: unknown objective 'simclrr' \(did you mean 'simclr'\?\)"),
     ("model.encoder=convnet_smal", r"model.encoder: unknown encoder 'convnet_smal' \(did you mean 'convnet_small'"),
     ("optimizer.name=adam", r"optimizer.name: 'adam' is not allowed; expected one of \['adamw', 'sgd', 'lars'\]"),
-    ("data.builder_kwargs.pool=2", r"unknown key 'data.builder_kwargs.pool'"),  # the default builder takes none
+    ("data.builder_kwargs.pool=2", r"unknown key 'data.builder_kwargs.pool'; this section takes no keys"),
+    ("optimizer.colour=red", r"unknown key 'optimizer.colour'; expected one of 'betas', "),  # nothing close
     ("data.builder=sslscale.train.build:build_strem", r"has no callable 'build_strem'; did you mean 'build_stream'"),
 ])
 def test_component_typos_name_the_full_key_and_the_nearest_valid_one(override, message):
