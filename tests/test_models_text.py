@@ -79,6 +79,32 @@ def test_gpt_attention_backends_equal_sdpa_on_the_same_weights(backend, kw):
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("kw", [{}, LLAMA], ids=["learned", "rope"])
+def test_attention_gets_strided_head_views_not_copies(monkeypatch, kw):
+    """q, k, v reach the op as (B, T, H, D).transpose(1, 2) views (the layout the kernels take without a copy)."""
+    import sslscale.ops
+
+    seen = []
+    real = sslscale.ops.causal_attention
+
+    def spy(q, k, v, **options):
+        seen.append([(t.shape, t.stride()) for t in (q, k, v)])
+        return real(q, k, v, **options)
+
+    monkeypatch.setattr(sslscale.ops, "causal_attention", spy)
+    model = _gpt(**kw)
+    model(torch.randint(0, V, (2, 9)))
+    assert len(seen) == model.config["depth"]
+    b, t, h, hkv, d = 2, 9, model.config["heads"], model.config["kv_heads"], model.head_dim
+    q, k, v = seen[0]
+    assert q[0] == (b, h, t, d) and k[0] == v[0] == (b, hkv, t, d)
+    if kw:  # RoPE writes fresh (B, T, H, D) q and k; v stays a slice of the fused qkv output
+        assert q[1] == (t * h * d, d, h * d, 1) and k[1] == (t * hkv * d, d, hkv * d, 1)
+    else:
+        assert q[1] == k[1] == (t * (h + 2 * hkv) * d, d, (h + 2 * hkv) * d, 1)
+    assert v[1] == (t * (h + 2 * hkv) * d, d, (h + 2 * hkv) * d, 1)
+
+
 @pytest.mark.parametrize("kw", [{}, LLAMA], ids=["learned-mha", "rope-gqa"])
 def test_kv_cache_decode_equals_the_full_forward_token_by_token(kw):
     model = _perturb(_gpt(**kw)).eval()
@@ -121,9 +147,10 @@ def test_rope_scores_depend_only_on_the_position_difference():
     torch.testing.assert_close(apply_rope(q, c, s), q)  # position 0 is the identity
 
 
-def test_gpt_activation_checkpointing_same_gradients_with_dropout():
-    plain = _perturb(_gpt(dropout=0.1)).train()
-    ckpt = _gpt(dropout=0.1).train()
+@pytest.mark.parametrize("kw", [{}, LLAMA], ids=["learned", "rope"])
+def test_gpt_activation_checkpointing_same_gradients_with_dropout(kw):
+    plain = _perturb(_gpt(dropout=0.1, **kw)).train()
+    ckpt = _gpt(dropout=0.1, **kw).train()
     ckpt.load_state_dict(plain.state_dict())
     ckpt.activation_checkpointing = True
     ids = torch.randint(0, V, (2, 17))
