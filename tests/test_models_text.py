@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslscale.models import build_encoder, encoder_from_config, load_encoder, save_encoder
-from sslscale.models.transformer import apply_rope, rope_tables
+from sslscale.models import CLIP, build_encoder, encoder_from_config, load_encoder, save_encoder
+from sslscale.models.transformer import SelfAttention, apply_rope, rope_tables
 from sslscale.ops import backends
 
 V = 61  # an odd vocabulary
@@ -189,8 +189,7 @@ def test_gpt_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match="did you mean 'rope'"):
         _gpt(positions="rop")
     with pytest.raises(ValueError, match="attn_dropout=0.1 needs attn_backend='sdpa'"):
-        build_encoder("text_transformer", vocab_size=V, dim=64, depth=1, heads=2, causal=True).blocks[0].attn \
-            .__class__(64, 2, attn_dropout=0.1)
+        SelfAttention(64, 2, causal=True, attn_dropout=0.1)
     with pytest.raises(ValueError, match="longer than max_seq_len=24"):
         _gpt()(torch.zeros(1, 25, dtype=torch.long))
 
@@ -286,7 +285,7 @@ def test_clip_logit_scale_is_clamped_at_100_with_zero_gradient_beyond():
     value.backward()
     assert value.item() == pytest.approx(100.0) and scale.log_scale.grad.item() == 0.0
     with pytest.raises(ValueError, match="above max_logit_scale"):
-        _clip().__class__(_clip().config["image_encoder"], _clip().config["text_encoder"], init_logit_scale=200.0)
+        CLIP(model.config["image_encoder"], model.config["text_encoder"], init_logit_scale=200.0)
 
 
 def test_clip_bad_configs_name_the_key():
