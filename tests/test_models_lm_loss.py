@@ -108,8 +108,8 @@ def test_memory_below_the_plain_loss():
         h, w = _leaves(hidden, weight)
         fn(h, w).backward()
 
-    plain = lambda h, w: _plain(h, w, targets)  # noqa: E731
-    chunked = lambda h, w: chunked_cross_entropy(h, w, targets, chunk_size=chunk)  # noqa: E731
+    plain = lambda h, w: _plain(h, w, targets)
+    chunked = lambda h, w: chunked_cross_entropy(h, w, targets, chunk_size=chunk)
     saved_plain = _saved_bytes(lambda: plain(*_leaves(hidden, weight)))
     saved_chunked = _saved_bytes(lambda: chunked(*_leaves(hidden, weight)))
     assert saved_plain >= logits_bytes                  # the plain loss keeps (N, V) logits for backward

@@ -116,7 +116,7 @@ class BERT(nn.Module):
         self.activation_checkpointing = False  # set by the training engine (model.activation_checkpointing)
         self.embeddings = BertEmbeddings(vocab_size, max_seq_len, type_vocab_size, dim, norm_eps, dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, heads, mlp_hidden=int(round(dim * mlp_ratio)), norm="layernorm",
+            TransformerBlock(dim, heads, mlp_hidden=round(dim * mlp_ratio), norm="layernorm",
                              norm_eps=norm_eps, activation=activation, bias=True, causal=False, dropout=dropout,
                              attn_dropout=attn_dropout, norm_first=False)
             for _ in range(depth))

@@ -22,7 +22,7 @@ from torch import nn
 
 from sslscale.models import _checks
 from sslscale.models.checkpointing import run_blocks
-from sslscale.models.transformer import Activation, AttnBackend, TransformerBlock, init_normal_, mlp_hidden
+from sslscale.models.transformer import Activation, AttnBackend, TransformerBlock, init_normal_, mlp_width
 
 
 class TextTransformer(nn.Module):
@@ -60,7 +60,7 @@ class TextTransformer(nn.Module):
         self.token = nn.Embedding(vocab_size, dim)
         self.position = nn.Embedding(max_seq_len, dim)
         self.drop = nn.Dropout(dropout)
-        hidden = mlp_hidden(dim, mlp_ratio, activation)
+        hidden = mlp_width(dim, mlp_ratio, activation)
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, heads, mlp_hidden=hidden, norm="layernorm", norm_eps=norm_eps,
                              activation=activation, bias=True, causal=causal,

@@ -31,7 +31,7 @@ from sslscale.models.transformer import (
     TransformerBlock,
     init_normal_,
     make_norm,
-    mlp_hidden,
+    mlp_width,
     rope_tables,
     tie_in_state_dict,
 )
@@ -85,7 +85,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(vocab_size, dim)
         self.wpe = nn.Embedding(max_seq_len, dim) if positions == "learned" else None
         self.drop = nn.Dropout(dropout)
-        hidden = mlp_hidden(dim, mlp_ratio, activation)
+        hidden = mlp_width(dim, mlp_ratio, activation)
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, heads, kv_heads=kv_heads, mlp_hidden=hidden, norm=norm, norm_eps=norm_eps,
                              activation=activation, bias=bias, causal=True, attn_backend=attn_backend,
@@ -151,6 +151,9 @@ class GPT(nn.Module):
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue (B, T) prompts by `max_new_tokens` tokens with the KV cache (temperature 0 = greedy)."""
         _checks.positive("max_new_tokens", max_new_tokens)
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+        _checks.positive("top_k", top_k, allow_none=True)
         cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
         out, step_ids = input_ids, input_ids
         for _ in range(max_new_tokens):

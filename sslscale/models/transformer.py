@@ -221,11 +221,11 @@ class TransformerBlock(nn.Module):
         return self.norm2(x + self.mlp(x))
 
 
-def mlp_hidden(dim: int, mlp_ratio: float, activation: Activation) -> int:
+def mlp_width(dim: int, mlp_ratio: float, activation: Activation) -> int:
     """MLP width: dim * mlp_ratio; for SwiGLU 2/3 of that (same parameter count), rounded up to a multiple of 8."""
     _checks.positive_float("mlp_ratio", mlp_ratio)
     hidden = dim * mlp_ratio * (2 / 3 if activation == "swiglu" else 1)
-    return int(math.ceil(hidden / 8) * 8) if activation == "swiglu" else int(round(hidden))
+    return math.ceil(hidden / 8) * 8 if activation == "swiglu" else round(hidden)
 
 
 def init_normal_(module: nn.Module, std: float = 0.02) -> None:

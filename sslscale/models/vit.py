@@ -64,7 +64,7 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, device: t
     restore (B, N): position of each patch in the [visible, hidden] order, to un-shuffle decoder tokens).
     K = round(N * (1 - mask_ratio)), at least 1."""
     _checks.fraction("mask_ratio", mask_ratio)
-    keep = max(1, int(round(num_patches * (1 - mask_ratio))))
+    keep = max(1, round(num_patches * (1 - mask_ratio)))
     noise = torch.rand(batch, num_patches, generator=generator, device=device)
     shuffle = noise.argsort(dim=1)
     visible = shuffle[:, :keep].sort(dim=1).values
@@ -144,7 +144,9 @@ class ViT(nn.Module):
         super().__init__()
         _checks.one_of("size", size, VIT_SIZES)
         d0, l0, h0 = VIT_SIZES[size]
-        dim, depth, heads = dim or d0, depth or l0, heads or h0
+        dim = d0 if dim is None else dim
+        depth = l0 if depth is None else depth
+        heads = h0 if heads is None else heads
         for name, value in (("image_size", image_size), ("patch_size", patch_size), ("in_channels", in_channels),
                             ("dim", dim), ("depth", depth), ("heads", heads)):
             _checks.positive(name, value)
@@ -165,7 +167,7 @@ class ViT(nn.Module):
         self.norm_pre = nn.LayerNorm(dim, eps=norm_eps) if pre_norm else nn.Identity()
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, heads, mlp_hidden=int(round(dim * mlp_ratio)), norm="layernorm",
+            TransformerBlock(dim, heads, mlp_hidden=round(dim * mlp_ratio), norm="layernorm",
                              norm_eps=norm_eps, activation="gelu", bias=qkv_bias, causal=False, dropout=dropout,
                              attn_dropout=attn_dropout, norm_first=True)
             for _ in range(depth))
