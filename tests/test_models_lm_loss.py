@@ -63,6 +63,20 @@ def test_bf16_inputs_follow_the_fp32_loss():
     torch.testing.assert_close(w.grad.float(), w32.grad, rtol=2e-2, atol=2e-4)
 
 
+def test_only_the_inputs_that_require_grad_get_one_and_no_grad_mode_computes_the_loss_only():
+    hidden, weight = torch.randn(30, 8), torch.randn(20, 8)
+    targets = torch.randint(0, 20, (30,))
+    h = hidden.clone().requires_grad_()
+    loss = chunked_cross_entropy(h, weight, targets, chunk_size=8)
+    assert loss.grad_fn.grads[1] is None and loss.grad_fn.grads[2] is None  # frozen weight: no dW computed
+    loss.backward()
+    h0 = hidden.clone().requires_grad_()
+    _plain(h0, weight, targets).backward()
+    torch.testing.assert_close(h.grad, h0.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_cross_entropy(h, weight, targets), _plain(hidden, weight, targets))
+
+
 def test_all_targets_ignored_gives_zero_not_nan():
     h, w = _leaves(torch.randn(4, 8), torch.randn(10, 8))
     loss = chunked_cross_entropy(h, w, torch.full((4,), -100))
@@ -84,8 +98,9 @@ def test_bad_inputs_are_clear_errors():
         chunked_cross_entropy(h, w, torch.zeros(4, dtype=torch.long), reduction="avg")
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the tensors autograd saves for backward while `fn()` runs (storage counted once)."""
+def _held_bytes(fn) -> int:
+    """Bytes the autograd graph of `loss = fn()` holds for backward: tensors saved by its nodes (storage counted
+    once) plus, for the chunked loss, the gradients its forward already computed (kept on its node)."""
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -93,8 +108,9 @@ def _saved_bytes(fn) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
+        loss = fn()
+    stored = getattr(loss.grad_fn, "grads", None) or ()
+    return sum(seen.values()) + sum(g.nbytes for g in stored if g is not None)
 
 
 def test_memory_below_the_plain_loss():
@@ -108,12 +124,16 @@ def test_memory_below_the_plain_loss():
         h, w = _leaves(hidden, weight)
         fn(h, w).backward()
 
-    plain = lambda h, w: _plain(h, w, targets)
-    chunked = lambda h, w: chunked_cross_entropy(h, w, targets, chunk_size=chunk)
-    saved_plain = _saved_bytes(lambda: plain(*_leaves(hidden, weight)))
-    saved_chunked = _saved_bytes(lambda: chunked(*_leaves(hidden, weight)))
-    assert saved_plain >= logits_bytes                  # the plain loss keeps (N, V) logits for backward
-    assert saved_chunked <= inputs_bytes + n * 8 * 4    # chunked: inputs, targets, mask and the (N,) LSE only
+    def plain(h, w):
+        return _plain(h, w, targets)
+
+    def chunked(h, w):
+        return chunked_cross_entropy(h, w, targets, chunk_size=chunk)
+
+    held_plain = _held_bytes(lambda: plain(*_leaves(hidden, weight)))
+    held_chunked = _held_bytes(lambda: chunked(*_leaves(hidden, weight)))
+    assert held_plain >= logits_bytes                   # the plain loss keeps (N, V) log-probabilities
+    assert held_chunked <= inputs_bytes                 # chunked: dh and dW, the size of its inputs
     run(chunked)  # warm up allocator pools
     run(plain)
     peak_chunked = peak_extra_bytes(lambda: run(chunked), torch.device("cpu"))

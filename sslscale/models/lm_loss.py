@@ -1,10 +1,13 @@
 """Language-model head and its chunked cross-entropy: the (tokens x vocabulary) logits never exist at once.
 
 With 8k tokens per micro-batch and a 50k vocabulary the fp32 logits alone are 1.6 GB, and a plain loss keeps them
-plus their gradient. `chunked_cross_entropy` walks the rows in chunks: the forward keeps only each row's
-log-sum-exp (N floats); the backward recomputes one chunk's logits at a time, turns them into
-(softmax - onehot) * dloss in place and accumulates dW += G^T h, dh = G W. Peak extra memory is one
-(chunk x V) block instead of several (N x V) ones, for one extra matmul per chunk.
+plus their softmax and gradient. `chunked_cross_entropy` walks the rows in chunks of `chunk_size`: each chunk's
+logits are computed, reduced to the loss and (when gradients are wanted) turned in place into
+G = softmax - onehot, from which dh = G W and dW += G^T h are accumulated at once; then the chunk is freed. Peak
+extra memory is one (chunk x V) fp32 block instead of several (N x V) ones, and no logits are recomputed: the
+backward only multiplies the stored dh, dW (db) by dloss. (Stored between forward and backward: dh, the size of
+the hidden states, and dW, the size of the weight, which its .grad needs anyway.) Under `torch.no_grad()` the
+forward computes the loss only.
 
 `LMHead` owns the output weight (the same Parameter as the input embedding when tied), so that computing the
 logits or the loss happens inside *its* forward: under ZeRO-3 DeepSpeed gathers a module's parameters in that
@@ -17,48 +20,39 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 Reduction = Literal["mean", "sum"]
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
+    """One pass over row chunks. With gradients wanted, each chunk's softmax is turned into its gradient right away
+    (dh = G W, dW += G^T h, G = softmax - onehot): three matmuls and one exp per logit, against four and two for a
+    forward that recomputes the logits in backward. The backward only scales the stored gradients by dloss."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, ignore_index, reduction):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, ignore_index, reduction, want_grad):
         n = hidden.shape[0]
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        need_h, need_w, need_b = (want_grad and ctx.needs_input_grad[i] for i in range(3))
+        want = need_h or need_w or need_b
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, 0)
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            logits = _chunk_logits(hidden[start:end], weight, bias)
-            chunk_lse = torch.logsumexp(logits, dim=1)
-            target_logit = logits.gather(1, safe_targets[start:end, None]).squeeze(1)
-            total += ((chunk_lse - target_logit) * valid[start:end]).sum()
-            lse[start:end] = chunk_lse
-        denominator = valid.sum().clamp(min=1).to(torch.float32) if reduction == "mean" else None
-        ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, lse, denominator)
-        ctx.chunk_size = chunk_size
-        return total / denominator if denominator is not None else total
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        hidden, weight, bias, targets, valid, lse, denominator = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        scale = grad_loss.to(torch.float32)
-        if denominator is not None:
-            scale = scale / denominator
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = min(start + ctx.chunk_size, hidden.shape[0])
-            h = hidden[start:end]
-            g = _chunk_logits(h, weight, bias)
-            g.sub_(lse[start:end, None]).exp_()                                   # softmax
-            rows = torch.arange(end - start, device=g.device)
-            g[rows, targets[start:end]] -= 1.0                                    # - onehot
-            g.mul_((valid[start:end].to(torch.float32) * scale)[:, None])        # ignored rows: 0
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            h, rows_valid = hidden[start:end], valid[start:end].to(torch.float32)
+            logits = _chunk_logits(h, weight, bias)
+            lse = torch.logsumexp(logits, dim=1)
+            rows = torch.arange(end - start, device=logits.device)
+            total += ((lse - logits[rows, safe_targets[start:end]]) * rows_valid).sum()
+            if not want:
+                continue
+            g = logits.sub_(lse[:, None]).exp_()                   # softmax, in place of the logits
+            g[rows, safe_targets[start:end]] -= 1.0                # - onehot
+            g.mul_(rows_valid[:, None])                            # ignored rows: 0
             if need_b:
                 grad_b += g.sum(dim=0)
             g = g.to(hidden.dtype)
@@ -66,9 +60,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 grad_h[start:end] = g @ weight
             if need_w:
                 grad_w += (g.T @ h).to(torch.float32)
-        grad_w = grad_w.to(weight.dtype) if need_w else None
-        grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None, None, None
+        denominator = valid.sum().clamp(min=1).to(torch.float32) if reduction == "mean" else None
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                     None if grad_b is None else grad_b.to(bias.dtype))
+        ctx.denominator = denominator
+        return total / denominator if denominator is not None else total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        scale = grad_loss if ctx.denominator is None else grad_loss / ctx.denominator
+        grads = tuple(None if g is None else g * scale.to(g.dtype) for g in ctx.grads)
+        ctx.grads = None
+        return *grads, None, None, None, None, None
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -99,8 +103,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r} is not supported; expected 'mean' or 'sum'")
+    # Inside Function.forward grad mode is off: whether gradients are wanted is decided here.
+    want_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     return _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1),
-                                      chunk_size, ignore_index, reduction)
+                                      chunk_size, ignore_index, reduction, want_grad)
 
 
 class LMHead(nn.Module):
