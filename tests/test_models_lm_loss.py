@@ -96,6 +96,11 @@ def test_bad_inputs_are_clear_errors():
         chunked_cross_entropy(h, w, torch.zeros(4, dtype=torch.long), chunk_size=0)
     with pytest.raises(ValueError, match="reduction"):
         chunked_cross_entropy(h, w, torch.zeros(4, dtype=torch.long), reduction="avg")
+    h.requires_grad_()
+    loss = chunked_cross_entropy(h, w, torch.zeros(4, dtype=torch.long))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
 
 
 def _held_bytes(fn) -> int:

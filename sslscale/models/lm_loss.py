@@ -69,6 +69,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("chunked_cross_entropy frees its stored gradients after the first backward; "
+                               "a second backward through the same loss (retain_graph=True) is not supported")
         scale = grad_loss if ctx.denominator is None else grad_loss / ctx.denominator
         grads = tuple(None if g is None else g * scale.to(g.dtype) for g in ctx.grads)
         ctx.grads = None
