@@ -97,12 +97,12 @@ class BERT(nn.Module):
         dropout: float = 0.1,
         attn_dropout: float = 0.1,
         pooler: bool = True,
-        loss_chunk_size: int = 1024,
+        loss_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        _checks.positive("loss_chunk_size", loss_chunk_size, allow_none=True)
         for name, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("dim", dim),
-                            ("depth", depth), ("type_vocab_size", type_vocab_size),
-                            ("loss_chunk_size", loss_chunk_size)):
+                            ("depth", depth), ("type_vocab_size", type_vocab_size)):
             _checks.positive(name, value)
         _checks.one_of("activation", activation, ("gelu", "gelu_tanh", "relu"))
         _checks.fraction("dropout", dropout)

@@ -60,11 +60,12 @@ class GPT(nn.Module):
         tie_embeddings: bool = True,
         dropout: float = 0.0,
         attn_backend: AttnBackend | None = None,
-        loss_chunk_size: int = 1024,
+        loss_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        _checks.positive("loss_chunk_size", loss_chunk_size, allow_none=True)
         for name, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("dim", dim),
-                            ("depth", depth), ("loss_chunk_size", loss_chunk_size)):
+                            ("depth", depth)):
             _checks.positive(name, value)
         _checks.one_of("positions", positions, ("learned", "rope"))
         _checks.fraction("dropout", dropout)

@@ -44,13 +44,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h, rows_valid = hidden[start:end], valid[start:end].to(torch.float32)
-            logits = _chunk_logits(h, weight, bias)
-            lse = torch.logsumexp(logits, dim=1)
-            rows = torch.arange(end - start, device=logits.device)
-            total += ((lse - logits[rows, safe_targets[start:end]]) * rows_valid).sum()
+            # One (chunk, V) fp32 buffer: logits -> exp(logits - max) -> softmax -> its gradient, all in place.
+            g = _chunk_logits(h, weight, bias)
+            rows = torch.arange(end - start, device=g.device)
+            target_logit = g[rows, safe_targets[start:end]]
+            top = g.amax(dim=1, keepdim=True)
+            total_exp = g.sub_(top).exp_().sum(dim=1)
+            lse = top.squeeze(1) + total_exp.log()
+            total += ((lse - target_logit) * rows_valid).sum()
             if not want:
                 continue
-            g = logits.sub_(lse[:, None]).exp_()                   # softmax, in place of the logits
+            g.div_(total_exp[:, None])                             # softmax
             g[rows, safe_targets[start:end]] -= 1.0                # - onehot
             g.mul_(rows_valid[:, None])                            # ignored rows: 0
             if need_b:
@@ -59,7 +63,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if need_h:
                 grad_h[start:end] = g @ weight
             if need_w:
-                grad_w += (g.T @ h).to(torch.float32)
+                if h.dtype == torch.float32:
+                    grad_w.addmm_(g.T, h)
+                else:
+                    grad_w += (g.T @ h).to(torch.float32)
         denominator = valid.sum().clamp(min=1).to(torch.float32) if reduction == "mean" else None
         ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                      None if grad_b is None else grad_b.to(bias.dtype))
@@ -83,9 +90,17 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return logits if bias is None else logits + bias.to(torch.float32)
 
 
+AUTO_CHUNK_ELEMENTS = 1 << 24  # chunk_size=None: rows per chunk so one fp32 (chunk x V) block is ~64 MiB
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk for `chunk_size=None`: 64 MiB of fp32 logits (333 rows at V=50257, 2097 at V=8000)."""
+    return max(1, AUTO_CHUNK_ELEMENTS // vocab_size)
+
+
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          bias: torch.Tensor | None = None, *, chunk_size: int = 1024, ignore_index: int = -100,
-                          reduction: Reduction = "mean") -> torch.Tensor:
+                          bias: torch.Tensor | None = None, *, chunk_size: int | None = None,
+                          ignore_index: int = -100, reduction: Reduction = "mean") -> torch.Tensor:
     """cross_entropy(hidden @ weight.T + bias, targets) without materialising the logits.
 
     hidden (..., d), weight (V, d), targets (...) int64 with `ignore_index` for positions without a target.
@@ -102,8 +117,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         raise TypeError(f"targets must be int64 token ids, got {targets.dtype}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(weight.shape[0])
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be a positive integer or None (automatic), got {chunk_size!r}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r} is not supported; expected 'mean' or 'sum'")
     # Inside Function.forward grad mode is off: whether gradients are wanted is decided here.
@@ -121,7 +138,7 @@ class LMHead(nn.Module):
     """
 
     def __init__(self, dim: int, vocab_size: int, *, tied_to: nn.Embedding | None = None, bias: bool = False,
-                 chunk_size: int = 1024) -> None:
+                 chunk_size: int | None = None) -> None:
         super().__init__()
         if tied_to is not None:
             if tied_to.weight.shape != (vocab_size, dim):
@@ -132,9 +149,9 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(vocab_size, dim))
             nn.init.normal_(self.weight, std=0.02)
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        self.chunk_size = int(chunk_size)
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None (automatic), got {chunk_size!r}")
+        self.chunk_size = chunk_size  # None: ~64 MiB of fp32 logits per chunk (auto_chunk_size)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, *, chunk_size: int | None = None,
                 ignore_index: int = -100, reduction: Reduction = "mean") -> torch.Tensor:
@@ -142,5 +159,5 @@ class LMHead(nn.Module):
             logits = hidden @ self.weight.T
             return logits if self.bias is None else logits + self.bias
         return chunked_cross_entropy(hidden, self.weight, targets, self.bias,
-                                     chunk_size=chunk_size or self.chunk_size, ignore_index=ignore_index,
+                                     chunk_size=chunk_size if chunk_size is not None else self.chunk_size, ignore_index=ignore_index,
                                      reduction=reduction)
