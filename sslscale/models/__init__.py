@@ -1,5 +1,10 @@
 """Model registry: encoders and heads by name, and the exported-encoder file format.
 
+Registry (`ENCODERS`, name -> constructor; every constructor argument typed and defaulted except vocab sizes):
+convnet_small, resnet_small (small CPU convnets), resnet (ResNet-18..152), vit (ViT cpu_tiny..large), gpt (causal
+LM), bert (MLM/NSP encoder), text_transformer (a text tower), clip (image + text towers). Every model carries
+`config` ({"name": ..., **kwargs}, JSON-able, rebuilt by `encoder_from_config`) and `out_dim` (feature width).
+
 Exported encoder = one safetensors file holding the encoder's plain state_dict keys, with the safetensors
 metadata key "sslscale" holding JSON {"encoder": encoder.config, ...}. A sidecar FILE.json with the same JSON
 is also accepted (for files written by tools that drop metadata).
@@ -8,18 +13,30 @@ is also accepted (for files written by tools that drop metadata).
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import os
 from typing import Any, Callable
 
 from torch import nn
 
+from sslscale.models.bert import BERT
+from sslscale.models.clip import CLIP, TextTransformer
+from sslscale.models.gpt import GPT
 from sslscale.models.heads import MLPHead
+from sslscale.models.resnet import ResNet
 from sslscale.models.vision import ConvNetSmall, ResNetSmall
+from sslscale.models.vit import ViT
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "convnet_small": ConvNetSmall,
     "resnet_small": ResNetSmall,
+    "resnet": ResNet,
+    "vit": ViT,
+    "gpt": GPT,
+    "bert": BERT,
+    "text_transformer": TextTransformer,
+    "clip": CLIP,
 }
 HEADS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLPHead,
@@ -35,9 +52,26 @@ def _lookup(registry: dict[str, Callable[..., nn.Module]], kind: str, name: str)
     return registry[name]
 
 
-def build_encoder(name: str, **kwargs: Any) -> nn.Module:
-    """An encoder by registry name; it has `out_dim` and a JSON-able `config` ({"name": name, **kwargs})."""
-    return _lookup(ENCODERS, "encoder", name)(**kwargs)
+def check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], where: str) -> None:
+    """Unknown or missing constructor arguments -> ValueError naming `where.key` and the nearest valid key."""
+    params = inspect.signature(fn).parameters
+    valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in kwargs:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(f"unknown key {where}.{key}{hint}; valid keys: {valid}")
+    missing = [n for n in valid if params[n].default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise ValueError(f"missing required key(s) {', '.join(f'{where}.{n}' for n in missing)}")
+
+
+def build_encoder(name: str, *, where: str = "model.encoder_kwargs", **kwargs: Any) -> nn.Module:
+    """An encoder by registry name; it has `out_dim` and a JSON-able `config` ({"name": name, **kwargs}).
+    `where` names the config section in error messages."""
+    fn = _lookup(ENCODERS, "encoder", name)
+    check_kwargs(fn, kwargs, where)
+    return fn(**kwargs)
 
 
 def build_head(name: str, in_dim: int, **kwargs: Any) -> nn.Module:
@@ -45,12 +79,12 @@ def build_head(name: str, in_dim: int, **kwargs: Any) -> nn.Module:
     return _lookup(HEADS, "head", name)(in_dim, **kwargs)
 
 
-def encoder_from_config(config: dict[str, Any]) -> nn.Module:
+def encoder_from_config(config: dict[str, Any], where: str = "encoder") -> nn.Module:
     """Rebuild an encoder (fresh weights) from its `config` dict."""
     if not isinstance(config, dict) or "name" not in config:
-        raise ValueError(f"encoder config must be a dict with a 'name' key, got {config!r}")
+        raise ValueError(f"{where} config must be a dict with a 'name' key, got {config!r}")
     kwargs = {k: v for k, v in config.items() if k != "name"}
-    return build_encoder(config["name"], **kwargs)
+    return build_encoder(config["name"], where=where, **kwargs)
 
 
 def save_encoder(encoder: nn.Module, path: str, extra: dict[str, Any] | None = None) -> None:
@@ -98,5 +132,6 @@ def load_encoder(path: str) -> nn.Module:
     return encoder.eval()
 
 
-__all__ = ["build_encoder", "build_head", "encoder_from_config", "load_encoder", "read_metadata", "save_encoder",
-           "ENCODERS", "HEADS", "ConvNetSmall", "ResNetSmall", "MLPHead"]
+__all__ = ["build_encoder", "build_head", "check_kwargs", "encoder_from_config", "load_encoder", "read_metadata",
+           "save_encoder", "ENCODERS", "HEADS", "BERT", "CLIP", "ConvNetSmall", "GPT", "MLPHead", "ResNet",
+           "ResNetSmall", "TextTransformer", "ViT"]

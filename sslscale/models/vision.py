@@ -7,12 +7,12 @@ file can rebuild the same architecture without the training config.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from sslscale.models.checkpointing import run_blocks
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -28,33 +28,6 @@ def _check_stages(widths: Sequence[int], strides: Sequence[int]) -> None:
         raise ValueError(f"widths and strides must be non-empty and of equal length, got {list(widths)} and {list(strides)}")
     if any(int(w) < 1 for w in widths) or any(int(s) < 1 for s in strides):
         raise ValueError(f"widths and strides must be positive, got {list(widths)} and {list(strides)}")
-
-
-@contextlib.contextmanager
-def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
-    """Momentum 0 for the recompute pass (batch counters restored after it), so BatchNorm running statistics
-    count each batch once, not twice."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, tracked) in zip(norms, saved):
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
-
-
-def run_blocks(blocks: nn.Sequential, x: torch.Tensor, activation_checkpointing: bool) -> torch.Tensor:
-    """Run `blocks` in order; with activation checkpointing each block's activations are recomputed in backward."""
-    if not (activation_checkpointing and torch.is_grad_enabled()):
-        return blocks(x)
-    for block in blocks:
-        x = checkpoint(block, x, use_reentrant=False,
-                       context_fn=lambda b=block: (contextlib.nullcontext(), _frozen_batchnorm_stats(b)))
-    return x
 
 
 class ConvNetSmall(nn.Module):
