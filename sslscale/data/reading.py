@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -280,7 +281,26 @@ def _stream_samples(info: ShardInfo, order_seed: int | None, offset: int, opts: 
     if info.compressed:
         stream = gzip.GzipFile(fileobj=stream, mode="rb")
     source = StreamSource(stream, seekable=seekable and hashing is None and not info.compressed)
-    reader = TarReader(source, opts.max_member_bytes, visit.tar_problem)
+
+    reported: list[str] = []  # a failed command already reported through the tar parser
+
+    def tar_problem(kind: str, detail: str) -> None:
+        # A pipe whose command failed ends its output early: the tar parser then sees an empty or cut-off stream
+        # before the exit status is known. Wait for the command and name its status instead (the real cause).
+        proc = getattr(raw, "proc", None)
+        if proc is not None and kind in ("not_a_tar", "truncated", "no_end_marker"):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            if proc.returncode not in (None, 0):
+                reported.append(kind)
+                visit.problem("unreadable_shard" if kind == "not_a_tar" else "truncated_shard",
+                              f"read failed: {_describe(OSError(detail), raw)}")
+                return
+        visit.tar_problem(kind, detail)
+
+    reader = TarReader(source, opts.max_member_bytes, tar_problem)
     finished = False
 
     def counted(samples):
@@ -312,7 +332,7 @@ def _stream_samples(info: ShardInfo, order_seed: int | None, offset: int, opts: 
                               f"{info.sha256[:12]}...: its samples were delivered before the check could fail")
         finished = True
     finally:
-        failure = _close(raw, quiet=not finished)
+        failure = _close(raw, quiet=not finished or bool(reported))
         if failure and finished:
             visit.problem("truncated_shard" if reader.valid_headers else "unreadable_shard", failure)
 
