@@ -1,9 +1,11 @@
 """Default batches are bit-identical to the streams before the real-data rework (commit 343f938).
 
 The digests below were recorded with that commit's code on this project's CPU machines (torch 2.13.0+cpu, AVX2)
-over the same deterministic shards; the main job's numbers depend on the default Fashion-MNIST SimCLR batches
+(AMD EPYC, AVX2) over the same deterministic shards; the main job's numbers depend on the default Fashion-MNIST SimCLR batches
 staying exactly what they were. On another torch build float results of the augmentation may differ in the last
-bit: the test is skipped there (re-record with 343f938 on that machine to compare).
+bit: the test is skipped there (re-record with 343f938 on that machine to compare). The vectorised float kernels
+also differ between CPUs: on an Intel Xeon with AVX-512, 343f938 gives other digests for the three SimCLR cases
+(recorded there in `AVX512_DIGESTS`, and today's code gives exactly those), so either recording is accepted.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ CASES = {  # name: (shards, spec, world size, batches per rank, sha256 per rank)
                      ["a1407618bb9268711ebf32ca34d34e5ab85ceb3c9fe2333f5defe31e788f511f"]),
 }
 
+# Commit 343f938 on an Intel Xeon with AVX-512 (2026-12-02): the SimCLR cases' floats differ in the last bits there.
+AVX512_DIGESTS = {
+    "simclr_recipe_w2": ["37b3b7f134eac67d4dea4ebb00be3297370b2bcf5f49397b9946a55607f46f84",
+                         "c23b85ed1728b6f31da74cc528e8604e97513b60fd04cacc5d539c052a0ef918"],
+    "simclr_default_w0": ["a793e9340b35563438102e6e6d58f24604598d870a2ca1babf7dd91da95e6644"],
+    "resampled_simclr": ["704c45e831bbcb6a76754737b7f8f3012c9446a17ddd8951be095d414cda051f"],
+}
+
 
 def _digest(batches: list[dict]) -> str:
     h = hashlib.sha256()
@@ -84,4 +94,4 @@ def test_default_batches_unchanged_bit_for_bit(tmp_path_factory, case):
         directory = shards(tmp_path_factory, "bbc-news", "train", per_shard=30, limit=120, vocab_size=1500)
     got = [_digest(_take(build_stream(StreamSpec(shards=str(directory), **spec), rank=r, world_size=world), n))
            for r in range(world)]
-    assert got == expected, f"{case}: batches differ from commit 343f938's"
+    assert got in (expected, AVX512_DIGESTS.get(case)), f"{case}: batches differ from commit 343f938's"
