@@ -77,7 +77,9 @@ def test_loss_curve_parity_one_rank_2b_vs_two_ranks_b(runs):
     export(tmp / "parity2", tmp / "p2.safetensors")
     w1, w2 = load_file(str(tmp / "p1.safetensors")), load_file(str(tmp / "p2.safetensors"))
     for key in w1:
-        torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=1e-6)
+        # 6 AdamW steps of lr 1e-3 move weights by ~6e-3; the two layouts sum gradients in different orders, which
+        # Adam's normalisation turns into up to ~5e-6 on near-zero-gradient weights (seen on AVX-512 Intel CPUs).
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=1e-5)
 
 
 def _tensors(obj, prefix=""):
