@@ -1,7 +1,7 @@
 """Momentum objectives through the real engine on gloo ranks: 1 rank x 2b and 2 ranks x b give the same BYOL, MoCo v2
-and MoCo v3 target weights and MoCo queue after N steps under ZeRO-2 and ZeRO-3; a MoCo run stopped and resumed under ZeRO-3
-ends bit-identical to one that ran straight; a bf16 BYOL under ZeRO-3 keeps per-rank fp32 shadows of its target
-pieces. (SIGKILL + `--resume auto` of MoCo under ZeRO-2 is in test_train_resume.py.)"""
+and MoCo v3 target weights and MoCo queue after N steps under ZeRO-2 and ZeRO-3; a MoCo run stopped and resumed
+under ZeRO-3 ends bit-identical to one that ran straight; a bf16 BYOL under ZeRO-3 keeps per-rank fp32 shadows of
+its target pieces. (SIGKILL + `--resume auto` of MoCo under ZeRO-2 is in test_train_resume.py.)"""
 
 import json
 

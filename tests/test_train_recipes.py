@@ -1,6 +1,6 @@
-"""The BYOL, MoCo v2, SimSiam, MoCo v3 and triplet recipes as shipped (objective, heads, optimizer, augmentation) train through the real engine
-on real Fashion-MNIST shards: >= 20 steps, loss going down, no collapse. Tiny shapes: a narrower encoder, small
-batches, one rank."""
+"""The BYOL, MoCo v2, SimSiam, MoCo v3 and triplet recipes as shipped (objective, heads, optimizer, augmentation)
+train through the real engine on real Fashion-MNIST shards: >= 20 steps, loss going down, no collapse. Tiny shapes:
+a narrower encoder, small batches, one rank."""
 
 import statistics
 
