@@ -54,7 +54,7 @@ def _single_process(sizes: list[int], d: int, mode: str):
     a = layer(x[:, 0]).detach().requires_grad_(True)
     b = layer(x[:, 1]).detach().requires_grad_(True)
     tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-    oracle = reference.nt_xent if mode == "simclr" else reference.clip_loss
+    oracle = {"simclr": reference.nt_xent, "clip": reference.clip_loss, "query_key": reference.query_key_loss}[mode]
     loss = oracle(a, b, tau)
     loss.backward()
     layer.zero_grad()
@@ -67,6 +67,8 @@ CASES = [
     ([3, 3], "clip"),
     ([2, 4, 1], "simclr"),  # unequal sizes, 3 ranks
     ([5, 2, 3], "clip"),
+    ([3, 3], "query_key"),
+    ([2, 4, 1], "query_key"),  # the keys gathered with unequal sizes; the queries stay local
 ]
 
 

@@ -1,7 +1,7 @@
-"""Momentum objectives through the real engine on gloo ranks: 1 rank x 2b and 2 ranks x b give the same BYOL and MoCo
-target weights and MoCo queue after N steps under ZeRO-2 and ZeRO-3; a MoCo run stopped and resumed under ZeRO-3
-ends bit-identical to one that ran straight; a bf16 BYOL under ZeRO-3 keeps per-rank fp32 shadows of its target
-pieces. (SIGKILL + `--resume auto` of MoCo under ZeRO-2 is in test_train_resume.py.)"""
+"""Momentum objectives through the real engine on gloo ranks: 1 rank x 2b and 2 ranks x b give the same BYOL, MoCo v2
+and MoCo v3 target weights and MoCo queue after N steps under ZeRO-2 and ZeRO-3; a MoCo run stopped and resumed
+under ZeRO-3 ends bit-identical to one that ran straight; a bf16 BYOL under ZeRO-3 keeps per-rank fp32 shadows of
+its target pieces. (SIGKILL + `--resume auto` of MoCo under ZeRO-2 is in test_train_resume.py.)"""
 
 import json
 
@@ -18,6 +18,9 @@ HEADS = {"proj_hidden_dim": 32, "proj_dim": 16}
 OBJECTIVES = {
     "byol": {"name": "byol", "kwargs": {**HEADS, "pred_hidden_dim": 24, "batch_norm": False, "base_momentum": 0.9}},
     "moco": {"name": "moco_v2", "kwargs": {**HEADS, "queue_size": 40, "momentum": 0.9}},  # 6 x 16 keys: wraps
+    # keys of the global batch through infonce(mode="query_key"): per-rank queries against gathered keys
+    "moco_v3": {"name": "moco_v3", "kwargs": {**HEADS, "pred_hidden_dim": 24, "batch_norm": False,
+                                              "base_momentum": 0.9}},
 }
 
 

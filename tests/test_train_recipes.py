@@ -1,6 +1,6 @@
-"""The BYOL and MoCo v2 recipes as shipped (objective, heads, optimizer, augmentation) train through the real engine
-on real Fashion-MNIST shards: >= 20 steps, loss going down, no collapse. Tiny shapes: a narrower encoder, small
-batches, one rank."""
+"""The BYOL, MoCo v2, SimSiam, MoCo v3 and triplet recipes as shipped (objective, heads, optimizer, augmentation)
+train through the real engine on real Fashion-MNIST shards: >= 20 steps, loss going down, no collapse. Tiny shapes:
+a narrower encoder, small batches, one rank."""
 
 import statistics
 
@@ -15,6 +15,9 @@ RECIPES = {
     "byol_fmnist": [],
     # a queue the first steps fill with real keys, so that the loss later in the run is against real negatives
     "moco_v2_fmnist": ["objective.kwargs.queue_size=128"],
+    "simsiam_fmnist": [],
+    "moco_v3_fmnist": [],
+    "triplet_fmnist": [],
 }
 
 
@@ -46,16 +49,20 @@ def test_recipe_trains_with_its_loss_going_down(runs, name):
     lines = td.metrics(runs / name)
     assert [r["step"] for r in lines] == list(range(1, STEPS + 1))
     # MoCo: from the step its queue holds only real keys (128 / 32 = 4 steps); before, the negatives are random
-    start = 4 if name.startswith("moco") else 0
+    start = 4 if name.startswith("moco_v2") else 0
     losses = [r["loss"] for r in lines]
     first, last = statistics.mean(losses[start:start + 5]), statistics.mean(losses[-5:])
     assert last < first, losses
-    if name.startswith("byol"):
+    if name.startswith(("byol", "simsiam", "moco_v3")):
         assert lines[-1]["objective/z_std"] > 0.3 / 128 ** 0.5  # not collapsed (healthy ~1/sqrt(128) = 0.088)
+    if name.startswith(("byol", "moco_v3")):
         assert lines[-1]["objective/momentum"] > lines[0]["objective/momentum"]  # the cosine schedule rises
-    else:
+    if name.startswith("moco"):
         acc = [r["objective/pos_acc"] for r in lines]
         assert statistics.mean(acc[-5:]) > statistics.mean(acc[start:start + 5]), acc
+    if name.startswith("triplet"):  # the negatives mined get farther from the anchors than the positives
+        gap = [r["objective/neg_dist"] - r["objective/pos_dist"] for r in lines]
+        assert statistics.mean(gap[-5:]) > statistics.mean(gap[:5]), gap
 
 
 @pytest.mark.dist

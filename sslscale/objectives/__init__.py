@@ -20,6 +20,9 @@ OBJECTIVES: dict[str, str] = {
     "simclr": "sslscale.objectives.simclr:SimCLR",
     "byol": "sslscale.objectives.byol:BYOL",
     "moco_v2": "sslscale.objectives.moco_v2:MoCoV2",
+    "simsiam": "sslscale.objectives.simsiam:SimSiam",
+    "moco_v3": "sslscale.objectives.moco_v3:MoCoV3",
+    "triplet": "sslscale.objectives.triplet:Triplet",
 }
 
 

@@ -41,6 +41,7 @@ class ParamGroup:
     weight_decay: bool = True   # apply optimizer.weight_decay
     lr_scale: float = 1.0       # multiplies optimizer.lr
     lars_adapt: bool = True     # LARS trust-ratio adaptation (off for biases and norms, as in SimCLR/BYOL)
+    scheduled: bool = True      # follow the lr schedule (warmup + cosine); False: constant lr (SimSiam's predictor)
 
 
 @dataclass(frozen=True)

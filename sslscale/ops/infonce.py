@@ -1,4 +1,5 @@
-"""`infonce`: SimCLR (NT-Xent) and CLIP contrastive losses, fused and cross-device.
+"""`infonce`: SimCLR (NT-Xent), CLIP and one-directional query->key (MoCo v3) contrastive losses, fused and
+cross-device.
 
 Layout of the computation, the same for every backend: this rank's rows (its own features, already divided by the
 temperature) are scored against the columns (every rank's features, gathered). Each row has one positive column
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from sslscale.distributed.collectives import active_group, gather_rows, gather_sizes
 from sslscale.ops import backends, reference
 
-MODES = ("simclr", "clip")
+MODES = ("simclr", "clip", "query_key")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -98,8 +99,10 @@ def infonce(
 
     mode="simclr": a, b are two views (b x d); each of the 2B rows is scored against the other 2B - 1, its
     positive is its other view; loss = mean over the 2B rows. mode="clip": a images, b texts; the mean of the
-    image->text and text->image cross-entropies over the global B x B. Cosine similarity (unless
-    normalize=False) divided by `temperature` (a float or 0-d tensor; its gradient is exact).
+    image->text and text->image cross-entropies over the global B x B. mode="query_key": the a->b direction
+    only (MoCo v3's ctr(q, k): each query against every rank's keys, its positive the key of the same row); only
+    b is gathered. Cosine similarity (unless normalize=False) divided by `temperature` (a float or 0-d tensor;
+    its gradient is exact).
     """
     _check_inputs(a, b, mode, temperature)
     name = backends.resolve("infonce", backend, a.device)
@@ -123,8 +126,11 @@ def infonce(
         world = dist.get_world_size(group)
         sizes = gather_sizes(local, a.shape[1], group)
         offset = sum(sizes[: dist.get_rank(group)])
-        both = gather_rows(torch.cat([a, b], dim=1), group, sizes)
-        a_all, b_all = both[:, : a.shape[1]], both[:, a.shape[1] :]
+        if mode == "query_key":  # the queries stay local: only the keys are columns
+            a_all, b_all = a, gather_rows(b, group, sizes)
+        else:
+            both = gather_rows(torch.cat([a, b], dim=1), group, sizes)
+            a_all, b_all = both[:, : a.shape[1]], both[:, a.shape[1] :]
     total = sum(sizes)
     if total == 0:
         raise ValueError("the global batch is empty (every rank passed 0 rows)")
@@ -141,5 +147,7 @@ def infonce(
     none = torch.full_like(idx, -1)
     own = idx + offset
     img = _row_losses((a_wide * inv_tau).to(work), b_all, own, none, name)
+    if mode == "query_key":
+        return img.sum() * (world / total)
     txt = _row_losses((b_wide * inv_tau).to(work), a_all, own, none, name)
     return (img.sum() + txt.sum()) * (world / (2 * total))

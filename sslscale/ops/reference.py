@@ -49,6 +49,12 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, temperature: torch.Tensor | floa
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+def query_key_loss(q: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """MoCo v3's ctr(q, k): CE of each query against all N keys (cosine / temperature), positive = same row."""
+    logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / temperature
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Causal (grouped-query) attention with a materialised T x T softmax, in fp32 (fp64 for fp64 inputs)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -92,6 +92,16 @@ def lr_lambda(cfg: PretrainConfig):
     return factor
 
 
+def lr_lambdas(cfg: PretrainConfig, optimizer: torch.optim.Optimizer) -> list:
+    """One lr multiplier per optimizer group: the schedule, or constant 1 for groups built with `scheduled` off."""
+    schedule = lr_lambda(cfg)
+    return [schedule if group.get("scheduled", True) else _constant for group in optimizer.param_groups]
+
+
+def _constant(step: int) -> float:
+    return 1.0
+
+
 def initialize(cfg: PretrainConfig, objective: Objective, world_size: int):
     """`deepspeed.initialize` with the configured optimizer over `objective.param_groups()` and the LR schedule;
     then `objective.setup(...)`. Returns the engine."""
@@ -103,10 +113,9 @@ def initialize(cfg: PretrainConfig, objective: Objective, world_size: int):
     groups = objective.param_groups()
     check_param_groups(objective, groups, untrained)
     optimizer = build_optimizer(cfg.optimizer, groups)
-    schedule = lr_lambda(cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=objective, optimizer=optimizer, config=deepspeed_config(cfg, world_size),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, opt)))
     if isinstance(optimizer, LARS) and cfg.zero.stage > 0:
         optimizer.attach_layouts(zero_layouts(engine))
     param = next(objective.parameters())

@@ -41,7 +41,8 @@ def check_param_groups(model: nn.Module, groups: list[ParamGroup], untrained: di
 def torch_param_groups(groups: list[ParamGroup], cfg: OptimizerConfig) -> list[dict]:
     """The objective's relative groups as torch optimizer groups (absolute lr and weight decay)."""
     return [{"params": list(g.params), "name": g.name, "lr": cfg.lr * g.lr_scale,
-             "weight_decay": cfg.weight_decay if g.weight_decay else 0.0, "lars_adapt": g.lars_adapt}
+             "weight_decay": cfg.weight_decay if g.weight_decay else 0.0, "lars_adapt": g.lars_adapt,
+             "scheduled": g.scheduled}
             for g in groups if g.params]
 
 
