@@ -125,7 +125,7 @@ def test_nonfinite_skip_under_zero3_keeps_training(runs):
     assert [r["skip3"]["nonfinite_skipped"] for r in two] == [1, 1]
     lines = td.metrics(tmp / "skip3")
     assert [r["nonfinite_skipped"] for r in lines] == [0, 1, 1]
-    assert lines[1]["loss"] == lines[0]["loss"]  # the logged loss is the last finite one
+    assert lines[1]["loss"] is None and lines[1]["skipped"] == 1  # no stale loss passed off as fresh
     assert lines[2]["lr"] == lines[1]["lr"]  # the skipped step did not advance the schedule
 
 
