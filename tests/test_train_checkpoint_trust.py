@@ -6,6 +6,7 @@ the fix a damaged newest checkpoint was a raw traceback, and the payload created
 import argparse
 import contextlib
 import io
+import json
 import shutil
 
 import pytest
@@ -34,7 +35,7 @@ def _plant(ckpt, name: str, marker_file, reseal: bool = True) -> None:
     torch.save({"module": Payload(str(marker_file))}, ckpt / name)
     if reseal:
         data = checkpoint.MARKER
-        body = __import__("json").loads((ckpt / data).read_text())
+        body = json.loads((ckpt / data).read_text())
         integrity.seal(ckpt, data, {k: v for k, v in body.items() if k != "files"})
 
 
@@ -115,6 +116,9 @@ def _scenarios(rank, world, tmp):
     for step in (step2, step4):
         _plant(tmp / "payload2" / step, model, tmp / "made-on-resume2")
     out["payload2"] = _quiet_pretrain(td.config(tmp / "payload2", **cfg), resume="auto")
+
+    shutil.copytree(tmp / "base", tmp / "again")  # resuming a finished run: nothing to do, a strict summary
+    out["again"] = _quiet_pretrain(td.config(tmp / "again", **cfg), resume="auto")
     return out
 
 
@@ -191,3 +195,11 @@ def test_export_refuses_nonfinite_weights_naming_them(runs, tmp_path):
     with pytest.raises(ValueError, match=r"1 of 4 tensors hold NaN/inf \(net\.3\.bias\); not exported"):
         export(run_dir, tmp_path / "w.safetensors")
     assert not (tmp_path / "w.safetensors").exists()
+
+
+@pytest.mark.dist
+def test_resuming_a_finished_run_gives_a_strict_json_summary(runs):
+    _, out = runs
+    r = out["again"]
+    assert r["step"] == 4 and r["state"] == "finished" and r["loss"] is None  # no step ran: no loss, not NaN
+    json.dumps({k: v for k, v in r.items() if k != "stderr"}, allow_nan=False)

@@ -187,7 +187,7 @@ def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
     assert checkpoint.resolve_resume("auto", tmp_path) == root / "step00000004"
     assert checkpoint.resolve_resume(None, tmp_path) is None
     assert checkpoint.resolve_resume("auto", tmp_path / "fresh") is None
-    with pytest.raises(FileNotFoundError, match="no COMPLETE marker"):
+    with pytest.raises(checkpoint.CheckpointError, match="no COMPLETE marker"):
         checkpoint.resolve_resume(str(root / "step00000006"), tmp_path)
 
 

@@ -60,12 +60,21 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
         return None
     if resume == "auto":
         return newest_verified(root(run_dir))
-    path = Path(resume)
-    if not (path / MARKER).is_file():
-        raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no {MARKER} marker in {path})")
+    path = require_marker(resume)
     why = integrity.problem(path, MARKER)
     if why:
         raise CheckpointError(f"--resume {resume}: cannot be trusted: {why}")
+    return path
+
+
+def require_marker(resume: str) -> Path:
+    """The checkpoint directory `resume` names, if it has its marker (a cheap check before any process starts)."""
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint directory (expected 'auto' or a "
+                              f"RUN_DIR/checkpoints/stepNNNNNNNN directory)")
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no {MARKER} marker in {path})")
     return path
 
 

@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"sslscale export: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # where the output goes: read-only, full, a file in the way
+        print(f"sslscale export: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(json.dumps({"exported": str(args.out), "step": meta["step"], "tensors": meta["tensors"]}))
     return 0
 

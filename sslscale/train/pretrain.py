@@ -63,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.config, args.overrides)
         rundir.check_writable(cfg.run_dir)
-    except (config_mod.ConfigError, FileNotFoundError, rundir.RunDirError) as err:
+        if args.resume not in (None, "auto"):  # cheap, local: before any process group starts
+            checkpoint.require_marker(args.resume)
+    except (config_mod.ConfigError, FileNotFoundError, rundir.RunDirError, checkpoint.CheckpointError) as err:
         print(f"sslscale pretrain: {err}", file=sys.stderr)
         return rundir.report_exit(rundir.EXIT_USAGE)
     try:
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     except rundir.RunDirError as err:
         print(f"sslscale pretrain: {err}", file=sys.stderr)
         return rundir.report_exit(rundir.EXIT_USAGE)
-    except checkpoint.CheckpointError as err:  # after the run dir was claimed: status.json says why
+    except (checkpoint.CheckpointError, FileNotFoundError) as err:  # bad input found after the group started
+        # (an untrusted checkpoint, missing data.shards): one line on each rank, status.json says why
         print(f"sslscale pretrain: {err}", file=sys.stderr)
         return rundir.fail_active(err, rundir.EXIT_USAGE)
     except BaseException as err:
