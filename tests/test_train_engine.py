@@ -127,7 +127,7 @@ def test_nonfinite_skip_under_zero3_keeps_training(runs):
     assert [r["skip3"]["nonfinite_skipped"] for r in two] == [1, 1]
     lines = td.metrics(tmp / "skip3")
     assert [r["nonfinite_skipped"] for r in lines] == [0, 1, 1]
-    assert lines[1]["loss"] == lines[0]["loss"]  # the logged loss is the last finite one
+    assert lines[1]["loss"] is None and lines[1]["skipped"] == 1  # no stale loss passed off as fresh
     assert lines[2]["lr"] == lines[1]["lr"]  # the skipped step did not advance the schedule
 
 
@@ -189,7 +189,7 @@ def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
     assert checkpoint.resolve_resume("auto", tmp_path) == root / "step00000004"
     assert checkpoint.resolve_resume(None, tmp_path) is None
     assert checkpoint.resolve_resume("auto", tmp_path / "fresh") is None
-    with pytest.raises(FileNotFoundError, match="no COMPLETE marker"):
+    with pytest.raises(checkpoint.CheckpointError, match="no COMPLETE marker"):
         checkpoint.resolve_resume(str(root / "step00000006"), tmp_path)
 
 

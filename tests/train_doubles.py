@@ -8,6 +8,11 @@
   rows [r*b, (r+1)*b) of it, so 1 rank x 2b and 2 ranks x b see the same data.
 - `SigkillAfterCheckpoint`: a loop callback that SIGKILLs its rank right after the checkpoint of a given step is
   complete (the closest thing to a node dying between two steps); `PreemptAfterStep` ends a run gracefully.
+- `TinyBNEncoder`: the MLP with a BatchNorm layer (running statistics: module state that a forward mutates);
+  `RecordBuffers` saves every rank's buffers after each step; `PoisonWeightAfterStep` writes a NaN into one
+  weight (what a divergent update does) on rank 0.
+- `MemoryStream(poison_at=[n, r])`: a NaN loss on rank r's n-th batch (`poison_input`: NaN pixels too, as a
+  corrupt image would give); `poison_from=n`: every batch from the n-th on, on every rank (a divergent run).
 The encoder and objective are named in configs by import path (`tests.train_doubles:TinyEncoder`), the stream and
 probe builders follow the config seam signatures (`sslscale.train.build`).
 """
@@ -60,6 +65,35 @@ class TinyObjective(Objective):
         self.after_step_calls += 1
 
 
+class TinyBNEncoder(TinyEncoder):
+    def __init__(self, hidden: int = 32, out_dim: int = 16) -> None:
+        super().__init__(hidden, out_dim)
+        self.config = {"name": "tiny_bn_mlp", "hidden": hidden, "out_dim": out_dim}
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                                 nn.Linear(hidden, out_dim))
+
+
+class RecordBuffers(Callback):
+    """RUN_DIR/buffers_rank{r}.pt: {step: {buffer name: tensor}} of this rank's module after every step."""
+
+    def __init__(self) -> None:
+        self.seen: dict = {}
+
+    def on_step_end(self, session, step: int, record) -> None:
+        self.seen[step] = {k: v.detach().clone() for k, v in session.engine.module.named_buffers()}
+        torch.save(self.seen, session.run_dir / f"buffers_rank{session.rank}.pt")
+
+
+class PoisonWeightAfterStep(Callback):
+    def __init__(self, step: int, name: str = "encoder.net.1.weight") -> None:
+        self.step, self.name = step, name
+
+    def on_step_end(self, session, step: int, record) -> None:
+        if step == self.step and session.rank == 0:
+            with torch.no_grad():
+                dict(session.engine.module.named_parameters())[self.name].view(-1)[0] = float("nan")
+
+
 class PreemptAfterStep(Callback):
     """Ends the run after `step` as a SIGTERM would (checkpoint, state "preempted"), without a signal."""
 
@@ -95,12 +129,13 @@ def _images(indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tenso
 
 class MemoryStream:
     def __init__(self, batch_size: int, rank: int, world_size: int, seed: int, size: int = 256,
-                 poison_at: list | None = None) -> None:
+                 poison_at: list | None = None, poison_input: bool = False, poison_from: int | None = None) -> None:
         self.b, self.rank, self.world, self.seed, self.size = batch_size, rank, world_size, seed, size
         self.global_batch = batch_size * world_size
         self.batches_per_epoch = size // self.global_batch
         self.epoch, self.batch = 0, 0
         self.poison_at = poison_at  # [global batch number, rank]
+        self.poison_input, self.poison_from = poison_input, poison_from
         self.served = 0
 
     def state_dict(self) -> dict:
@@ -116,8 +151,12 @@ class MemoryStream:
             idx = order[start : start + self.b]
             x, y = _images(idx, self.seed)
             out = {"view1": x, "view2": x.flip(-1), "label": y}
-            if self.poison_at is not None:
-                out["poison"] = torch.tensor([self.served == self.poison_at[0] and self.rank == self.poison_at[1]])
+            bad = ((self.poison_at is not None and self.served == self.poison_at[0] and self.rank == self.poison_at[1])
+                   or (self.poison_from is not None and self.served >= self.poison_from))
+            if self.poison_at is not None or self.poison_from is not None:
+                out["poison"] = torch.tensor([bad])
+            if bad and self.poison_input:
+                out["view1"] = torch.full_like(x, float("nan"))
             self.batch += 1
             self.served += 1
             yield out
@@ -125,8 +164,10 @@ class MemoryStream:
 
 
 def build_stream(data_cfg, seed: int, rank: int, world_size: int, size: int = 256,
-                 poison_at: list[int] | None = None) -> MemoryStream:
-    return MemoryStream(data_cfg.batch_size, rank, world_size, seed, size=size, poison_at=poison_at)
+                 poison_at: list[int] | None = None, poison_input: bool = False,
+                 poison_from: int | None = None) -> MemoryStream:
+    return MemoryStream(data_cfg.batch_size, rank, world_size, seed, size=size, poison_at=poison_at,
+                        poison_input=poison_input, poison_from=poison_from)
 
 
 def build_probe_data(probe_cfg, data_cfg, seed: int):

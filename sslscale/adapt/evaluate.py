@@ -128,8 +128,13 @@ def load_data(args: argparse.Namespace, meta: dict) -> tuple[tuple, tuple, str, 
 def run(args: argparse.Namespace) -> int:
     torch.set_flush_denormal(True)  # denormals in BN/ReLU features otherwise slow CPU convolutions a lot
     start = time.perf_counter()
-    encoder = load_encoder(args.encoder)
-    meta = read_metadata(args.encoder)
+    try:
+        encoder = load_encoder(args.encoder)
+        meta = read_metadata(args.encoder)
+    except Exception as e:  # any unreadable file: safetensors, JSON, config and shape errors
+        print(f"sslscale evaluate: error: cannot load the encoder {args.encoder}: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return 2
     from sslscale.data import CorruptDataError
 
     try:

@@ -13,6 +13,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "gpu-static": ("sslscale.bench.gpu_static", "registers, spills, shared memory, occupancy, grids of the GPU kernels "
                    "for sm_90, without a GPU"),
     "gpu-check": ("sslscale.bench.gpu_check", "on a GPU: every GPU test, then the GPU benchmarks, one JSON"),
+    "chaos": ("sslscale.bench.chaos", "random kills (ranks, launcher, group, during saves) vs one uninterrupted run"),
 }
 
 

@@ -3,7 +3,10 @@
 Layout: RUN_DIR/checkpoints/stepNNNNNNNN/ holds DeepSpeed's files (written by every rank through
 `engine.save_checkpoint`) and, last, the marker COMPLETE. The marker is written by rank 0 only after a barrier
 that every rank reaches once its own files are on disk, through a temporary file and an atomic rename, so a
-directory without it is a save that was interrupted and is never resumed from.
+directory without it is a save that was interrupted and is never resumed from. It lists every file's size and
+CRC32 (the files are fsynced first; `train/integrity.py`): `--resume auto` and export take the newest complete
+checkpoint that verifies, saying which newer ones were skipped and why. Every load is weights-only
+(`train/safe_load.py`): a checkpoint file cannot run code.
 
 The client state carries the step, samples seen, counters, and each rank's own RNG states and data-stream
 position (gathered, so that rank r restores entry r on resume).
@@ -11,11 +14,10 @@ position (gathered, so that rank r restores entry r on resume).
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from sslscale.train import integrity, safe_load
 
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step(\d{8})$")
@@ -45,21 +49,55 @@ def complete(root_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_TAG.match(p.name).group(1)))
 
 
+class CheckpointError(ValueError):
+    """No checkpoint that can be trusted where one was asked for (damaged, tampered or missing)."""
+
+
 def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
-    """The checkpoint directory to resume from: None (fresh), "auto" (newest complete, or fresh), or a path."""
+    """The checkpoint directory to resume from: None (fresh), "auto" (the newest complete one that verifies, or
+    fresh when there is none), or a path (which must verify)."""
     if resume is None:
         return None
     if resume == "auto":
-        found = complete(root(run_dir))
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {MARKER} marker in {path})")
+        return newest_verified(root(run_dir))
+    path = require_marker(resume)
+    why = integrity.problem(path, MARKER)
+    if why:
+        raise CheckpointError(f"--resume {resume}: cannot be trusted: {why}")
     return path
 
 
+def require_marker(resume: str) -> Path:
+    """The checkpoint directory `resume` names, if it has its marker (a cheap check before any process starts)."""
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint directory (expected 'auto' or a "
+                              f"RUN_DIR/checkpoints/stepNNNNNNNN directory)")
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no {MARKER} marker in {path})")
+    return path
+
+
+def newest_verified(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint whose files match its marker; each newer one skipped is reported with the
+    reason. Complete checkpoints none of which verifies is an error (not a silent fresh start)."""
+    skipped = []
+    for path in reversed(complete(ckpt_root)):
+        why = integrity.problem(path, MARKER)
+        if why is None:
+            return path
+        skipped.append(f"{path.name}: {why}")
+        print(f"[sslscale] skipping checkpoint {path}: {why}", file=sys.stderr, flush=True)
+    if skipped:
+        raise CheckpointError(f"no checkpoint in {ckpt_root} can be trusted: " + "; ".join(skipped))
+    return None
+
+
 def capture_rng() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as plain data (tensors, numbers, strings): loadable by the weights-only unpickler."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002  (the global RNG is the state)
+    numpy_state = (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -67,7 +105,8 @@ def capture_rng() -> dict:
 
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -96,21 +135,10 @@ def save(engine, run_dir: str | Path, step: int, shared: dict, per_rank: dict, k
     _barrier()  # every rank's files are written
     path = ckpt_root / tag
     if rank == 0:
-        tmp = path / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "world_size": len(client["ranks"]), "time": time.time()}))
-        os.replace(tmp, path / MARKER)
-        _fsync_dir(path)
+        integrity.seal(path, MARKER, {"step": step, "world_size": len(client["ranks"]), "time": time.time()})
         prune(ckpt_root, keep_last, keep=path)
     _barrier()
     return path
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def prune(ckpt_root: Path, keep_last: int, keep: Path) -> list[Path]:
@@ -134,8 +162,14 @@ def load(engine, path: Path) -> tuple[dict, dict]:
     """Restore the engine (model, optimizer, LR schedule) from `path`; returns (shared state, this rank's state)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                            load_lr_scheduler_states=True)
+    try:
+        with safe_load.weights_only():  # DeepSpeed's torch.load calls too: no code from the files runs
+            loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+    except Exception as err:
+        if safe_load.is_refusal(err):
+            raise CheckpointError(str(safe_load.refusal(path, err))) from err
+        raise
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     saved_world = len(client["ranks"])

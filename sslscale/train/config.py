@@ -179,6 +179,8 @@ class PretrainConfig:
     grad_clip: Annotated[float, at_least(0)] = 1.0   # max global gradient norm (0: off)
     grad_accum: Annotated[int, at_least(1)] = 1      # micro-batches per optimizer step
     nonfinite: Literal["skip", "stop"] = "skip"      # on a NaN/inf loss on any rank
+    nonfinite_max_consecutive: Annotated[int, at_least(0)] = 10  # skip: stop the run (exit 3) after this many
+    #                                                  non-finite micro-batches in a row (0: no limit)
     watchdog_s: Annotated[float, at_least(0)] = 600.0  # report a rank with no step progress for this long (0: off)
     run_dir: str = "runs/pretrain"
     seed: int = 0
@@ -258,7 +260,13 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
     data: dict = {}
     if path is not None:
         text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{path}: not valid YAML{where}: {what}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     for assignment in overrides:

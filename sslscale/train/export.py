@@ -10,6 +10,9 @@ alone its `encoder.` prefix is stripped, so the file holds PLAIN encoder keys an
 `sslscale.models.load_encoder` (what `sslscale evaluate` reads). An objective exporting more modules (a GPT with its
 head, say) keeps each key's module prefix. Metadata key "sslscale" (and the sidecar FILE.json) hold
 {"encoder": encoder config, "objective": ..., "modules": [...], "step": ..., "run_dir": ...}.
+
+The checkpoint is the newest complete one that verifies (`checkpoint.resolve_resume`); its files are read with
+the weights-only unpickler (`train/safe_load.py`), and weights holding NaN/inf are refused with their names.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from sslscale.train import checkpoint
+from sslscale.train import checkpoint, safe_load
 from sslscale.train.config import ZeroConfig
 
 
@@ -39,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"sslscale export: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # where the output goes: read-only, full, a file in the way
+        print(f"sslscale export: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(json.dumps({"exported": str(args.out), "step": meta["step"], "tensors": meta["tensors"]}))
     return 0
 
@@ -46,11 +52,27 @@ def run(args: argparse.Namespace) -> int:
 def consolidated_state_dict(ckpt: Path, stage: int) -> dict[str, torch.Tensor]:
     """The full fp32 (stage 1-3) or module-dtype (stage 0) state dict of the trained module."""
     if stage == 0:
-        states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = safe_load.load(ckpt / "mp_rank_00_model_states.pt")
+        assert isinstance(states, dict)
         return dict(states["module"])
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+    try:
+        with safe_load.weights_only():  # DeepSpeed's loader asks for weights_only=False: forced to True
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+    except Exception as err:
+        if safe_load.is_refusal(err):
+            raise safe_load.refusal(ckpt, err) from err
+        raise
+
+
+def check_finite(weights: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse to export weights holding NaN/inf, naming them (a diverged run must not look like a result)."""
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise ValueError(f"{where}: {len(bad)} of {len(weights)} tensors hold NaN/inf ({shown}); not exported "
+                         "(export an earlier checkpoint with --checkpoint PATH)")
 
 
 def exported_state_dict(full: dict[str, torch.Tensor], modules: list[str]) -> dict[str, torch.Tensor]:
@@ -91,6 +113,7 @@ def export(run_dir: str | Path, out: str | Path, which: str = "auto") -> dict:
     model_meta = json.loads((run_dir / "model.json").read_text()) if (run_dir / "model.json").is_file() else {}
     modules = list(model_meta.get("export_modules", ["encoder"]))
     weights = exported_state_dict(consolidated_state_dict(ckpt, stage), modules)
+    check_finite(weights, str(ckpt))
     step = json.loads((ckpt / checkpoint.MARKER).read_text())["step"]
     meta = {"encoder": model_meta.get("encoder"), "objective": model_meta.get("objective"), "modules": modules,
             "step": step,

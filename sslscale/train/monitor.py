@@ -98,6 +98,7 @@ class Monitor:
         progress: bool = True,
         start_step: int = 0,
         echo: bool = True,
+        resumed: bool = False,
     ) -> None:
         self.rank = rank
         self.echo = echo
@@ -106,6 +107,8 @@ class Monitor:
         self._bar: Any = None  # tqdm.tqdm
         if rank != 0:
             return
+        if resumed:
+            drop_after(Path(run_dir) / "metrics.jsonl", start_step)
         self._file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115  (closed in close())
         if tensorboard:
             try:
@@ -192,6 +195,33 @@ def knn_accuracy(
         votes = torch.zeros(len(sim), classes).scatter_add_(1, bank_y[idx].long(), (sim / temperature).exp())
         correct += int((votes.argmax(1) == query_y[i : i + 1024].long()).sum())
     return correct / len(query)
+
+
+def drop_after(path: Path, step: int) -> int:
+    """Remove the lines of `path` logged after `step` (a resumed run recomputes those steps and logs them again;
+    kept, each would appear twice). Atomic; returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            later = json.loads(line).get("step", 0) > step
+        except (ValueError, AttributeError, TypeError):
+            later = False  # not ours to judge: keep it
+        if later:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        print(
+            f"[sslscale] {path}: dropped {dropped} line(s) logged after step {step} (recomputed by this resume)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return dropped
 
 
 def finite_or_none(value: float) -> float | None:

@@ -33,9 +33,17 @@ from sslscale.train import config as config_mod
 from sslscale.train.build import load_callable
 from sslscale.train.callbacks import Callback
 from sslscale.train.config import PretrainConfig
-from sslscale.train.monitor import Monitor, Throughput, batch_tokens, features, knn_accuracy, memory_bytes
+from sslscale.train.monitor import (
+    Monitor,
+    Throughput,
+    batch_tokens,
+    features,
+    finite_or_none,
+    knn_accuracy,
+    memory_bytes,
+)
 from sslscale.train.signals import StopRequest, Watchdog
-from sslscale.train.step_policy import Agreement, NonFinitePolicy, TrainingStopped
+from sslscale.train.step_policy import Agreement, BufferSnapshot, NonFinitePolicy, TrainingStopped, nonfinite_tensors
 
 __all__ = ["Session", "TrainingStopped", "add_arguments", "batches_forever", "pretrain", "run", "seed_all",
            "set_up", "train_loop", "train_step"]
@@ -55,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.config, args.overrides)
         rundir.check_writable(cfg.run_dir)
-    except (config_mod.ConfigError, FileNotFoundError, rundir.RunDirError) as err:
+        if args.resume not in (None, "auto"):  # cheap, local: before any process group starts
+            checkpoint.require_marker(args.resume)
+    except (config_mod.ConfigError, FileNotFoundError, rundir.RunDirError, checkpoint.CheckpointError) as err:
         print(f"sslscale pretrain: {err}", file=sys.stderr)
         return rundir.report_exit(rundir.EXIT_USAGE)
     try:
@@ -66,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
     except rundir.RunDirError as err:
         print(f"sslscale pretrain: {err}", file=sys.stderr)
         return rundir.report_exit(rundir.EXIT_USAGE)
+    except (checkpoint.CheckpointError, FileNotFoundError) as err:  # bad input found after the group started
+        # (an untrusted checkpoint, missing data.shards): one line on each rank, status.json says why
+        print(f"sslscale pretrain: {err}", file=sys.stderr)
+        return rundir.fail_active(err, rundir.EXIT_USAGE)
     except BaseException as err:
         rundir.fail_active(err)  # status.json "failed" with the error, then the traceback
         raise
@@ -73,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if summary["rank"] == 0:
-        print(json.dumps({"summary": summary}), flush=True)
+        print(json.dumps({"summary": summary}, allow_nan=False), flush=True)
     return rundir.exit_code_for(summary["state"])
 
 
@@ -109,6 +123,20 @@ def batches_forever(stream) -> Iterator[dict]:
             raise RuntimeError("the data stream yielded no batches; check data.shards and data.batch_size")
 
 
+def _resolve_on_rank0(resume: str | None, run_dir: Path, rank: int) -> str:
+    """Rank 0 picks (and verifies) the checkpoint; every rank gets the path, or the same CheckpointError."""
+    found: dict = {"path": "", "error": None}
+    if rank == 0:
+        try:
+            found["path"] = str(checkpoint.resolve_resume(resume, run_dir) or "")
+        except checkpoint.CheckpointError as err:
+            found["error"] = str(err)
+    found = _broadcast(found)
+    if found["error"]:
+        raise checkpoint.CheckpointError(found["error"])
+    return found["path"]
+
+
 def _broadcast(obj):
     holder = [obj]
     if dist.is_initialized():
@@ -136,14 +164,17 @@ class Session:
     stop: StopRequest
     agree: Agreement
     policy: NonFinitePolicy
+    snapshot: BufferSnapshot
     watchdog: Watchdog
     monitor: Monitor
     callbacks: list[Callback]
     window: Throughput = field(default_factory=Throughput)
     step: int = 0
     samples: int = 0
-    last_loss: float = float("nan")
+    last_loss: float = float("nan")  # the last step's loss; NaN when that step was skipped (never a stale value)
     last_metrics: dict = field(default_factory=dict)
+    # the logging window: loss summed over its counted (finite) steps, how many, non-finite micro-batches dropped
+    window_loss: list = field(default_factory=lambda: [0.0, 0, 0])
     preempted: bool = False
     saved_at: int = -1
 
@@ -187,12 +218,14 @@ def set_up(cfg: PretrainConfig, resume: str | None, stop: StopRequest) -> Sessio
     engine = initialize(cfg, objective, world)
     seed_all(cfg.seed + 1 + rank)  # augmentation and dropout randomness differs across ranks
 
-    policy = NonFinitePolicy(cfg.nonfinite, cfg.grad_accum)
-    step, samples = 0, 0
-    ckpt = _broadcast(str(checkpoint.resolve_resume(resume, run_dir) or "") if rank == 0 else None)
+    policy = NonFinitePolicy(cfg.nonfinite, cfg.grad_accum, cfg.nonfinite_max_consecutive)
+    step, samples, window_loss = 0, 0, [0.0, 0, 0]
+    ckpt = _resolve_on_rank0(resume, run_dir, rank)
     if ckpt:
         shared, mine = checkpoint.load(engine, Path(ckpt))
         step, samples, policy.skipped = shared["step"], shared["samples"], shared["nonfinite_skipped"]
+        policy.consecutive = shared.get("nonfinite_consecutive", 0)
+        window_loss = list(shared.get("loss_window", window_loss))
         checkpoint.restore_rng(mine["rng"])
         stream.load_state_dict(mine["stream"])
         if rank == 0:
@@ -204,13 +237,13 @@ def set_up(cfg: PretrainConfig, resume: str | None, stop: StopRequest) -> Sessio
             raise TypeError(f"callbacks[{i}].fn={cfg.callbacks[i].fn} made a {type(cb).__name__}, not a "
                             "sslscale.train.callbacks.Callback")
     monitor = Monitor(run_dir, rank, cfg.schedule.total_steps, cfg.logging.tensorboard, cfg.logging.progress,
-                      start_step=step)
+                      start_step=step, resumed=bool(ckpt))
     owner.status("running", step)
     return Session(cfg=cfg, rank=rank, world=world, device=device, dtype=dtype, run_dir=run_dir, owner=owner,
                    launcher=info.source, engine=engine, objective=objective, stream=stream,
                    batches=batches_forever(stream), probe=probe, stop=stop, agree=Agreement(world, device),
-                   policy=policy, watchdog=Watchdog(cfg.watchdog_s, rank), monitor=monitor, callbacks=callbacks,
-                   step=step, samples=samples)
+                   policy=policy, snapshot=BufferSnapshot(engine.module), watchdog=Watchdog(cfg.watchdog_s, rank),
+                   monitor=monitor, callbacks=callbacks, step=step, samples=samples, window_loss=window_loss)
 
 
 def train_step(s: Session) -> None:
@@ -224,12 +257,16 @@ def train_step(s: Session) -> None:
     metrics: dict = {}
     for micro in range(cfg.grad_accum):
         batch = to_device(next(s.batches), s.device, s.dtype)
+        s.snapshot.take()  # the forward updates buffers (BatchNorm statistics) before any rank knows the verdict
         loss, metrics = engine(batch)
         loss_mean, stop_any, bad = s.agree(float(loss.detach()), s.stop.requested, s.rank)
         s.preempted = s.preempted or stop_any
         action = s.policy.decide(bad, s.step + 1, micro, have_finite=last_good is not None)
         forwards.append(action == "ok")
+        if action != "ok":
+            s.window_loss[2] += 1
         if action == "skip_step":
+            s.snapshot.restore()  # every rank: the dropped forward leaves no trace in the module's buffers
             continue  # no backward, no engine.step: the optimizer step is skipped on every rank
         if action == "zero_grad":
             loss, _ = engine(last_good)
@@ -241,6 +278,8 @@ def train_step(s: Session) -> None:
                 last_good = batch
         engine.backward(loss)
         engine.step()
+        if action == "zero_grad":  # after the backward, which reads the BatchNorm buffers it saved
+            s.snapshot.restore()  # undo both forwards' buffer updates (the bad one's and the stand-in's)
         tokens = batch_tokens(batch)
         s.window.add(cfg.data.batch_size * s.world, None if tokens is None else tokens * s.world)
     s.step += 1
@@ -249,8 +288,10 @@ def train_step(s: Session) -> None:
                                        skipped=not losses, forwards=tuple(forwards)))
     s.samples += cfg.data.batch_size * cfg.grad_accum * s.world
     s.window.tick(time.perf_counter() - t0)
+    s.last_loss = sum(losses) / len(losses) if losses else float("nan")
     if losses:
-        s.last_loss = sum(losses) / len(losses)
+        s.window_loss[0] += s.last_loss
+        s.window_loss[1] += 1
     s.last_metrics = {"lr": lr, **_objective_metrics(metrics)}
 
 
@@ -265,19 +306,24 @@ def train_loop(s: Session) -> None:
         record = None
         if step % cfg.logging.every == 0 or step == total:
             metrics = dict(s.last_metrics)
-            record = {"step": step, "loss": s.last_loss, "lr": metrics.pop("lr"), **s.window.rates(),
-                      "samples": s.samples, "nonfinite_skipped": s.policy.skipped,
-                      "memory_bytes": memory_bytes(s.device), **metrics}
+            total_loss, counted, skipped = s.window_loss
+            s.window_loss = [0.0, 0, 0]
+            # the window's loss over its counted steps only (None when all were skipped), and how many
+            # non-finite micro-batches it dropped
+            record = {"step": step, "loss": total_loss / counted if counted else None, "skipped": skipped,
+                      "lr": metrics.pop("lr"), **s.window.rates(), "samples": s.samples,
+                      "nonfinite_skipped": s.policy.skipped, "memory_bytes": memory_bytes(s.device), **metrics}
         if s.probe is not None and (step % cfg.probe.every == 0 or step == total):
             record = record or {"step": step}
             record["probe_acc"] = _probe(s)
         if record is not None:
             s.monitor.log(record)
         if step % cfg.checkpoint.every == 0 or step == total or s.preempted:
+            _check_finite_weights(s, step)
             per_rank = {"rng": checkpoint.capture_rng(), "stream": s.stream.state_dict()}
-            path = checkpoint.save(s.engine, s.run_dir, step,
-                                   {"samples": s.samples, "nonfinite_skipped": s.policy.skipped}, per_rank,
-                                   cfg.checkpoint.keep_last)
+            shared = {"samples": s.samples, "nonfinite_skipped": s.policy.skipped,
+                      "nonfinite_consecutive": s.policy.consecutive, "loss_window": list(s.window_loss)}
+            path = checkpoint.save(s.engine, s.run_dir, step, shared, per_rank, cfg.checkpoint.keep_last)
             s.saved_at = step
             s.watchdog.beat(step)
             for cb in s.callbacks:
@@ -303,10 +349,20 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
         print(f"[sslscale] stop requested ({stop.reason or 'by another rank'}); checkpointed step {s.saved_at} "
               "and exiting", file=sys.stderr, flush=True)
     s.owner.finish(state, s.step)  # status.json, each rank's exit code for its launcher, final barrier, unlock
-    return {"rank": s.rank, "step": s.step, "loss": s.last_loss, "samples": s.samples,
+    return {"rank": s.rank, "step": s.step, "loss": finite_or_none(s.last_loss), "samples": s.samples,
             "nonfinite_skipped": s.policy.skipped, "state": state,
             "checkpoint": str(checkpoint.root(s.run_dir) / checkpoint.tag_for(s.saved_at))
             if s.saved_at >= 0 else None, "launcher": s.launcher}
+
+
+def _check_finite_weights(s: Session, step: int) -> None:
+    """A model with NaN/inf weights or buffers is never checkpointed as good: stop the run (every rank agrees)."""
+    bad = nonfinite_tensors(s.engine.module, s.world)
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        last = f"step {s.saved_at}" if s.saved_at >= 0 else "none from this process"
+        raise TrainingStopped(f"non-finite weights after step {step} in {len(bad)} tensor(s): {shown}; not "
+                              f"checkpointed (the newest good checkpoint: {last}); lower optimizer.lr or set grad_clip")
 
 
 def _objective_metrics(metrics: dict) -> dict:
