@@ -22,7 +22,7 @@ import torch
 
 from sslscale.adapt import probe
 from sslscale.adapt.datasets import SOURCES, load_shards, load_split
-from sslscale.models import encoder_from_config, load_encoder, read_metadata
+from sslscale.models import encoder_from_config, image_encoder, load_encoder, read_metadata
 
 ROWS = ("pretrained", "random_init", "raw_pixels")
 
@@ -128,7 +128,7 @@ def load_data(args: argparse.Namespace, meta: dict) -> tuple[tuple, tuple, str, 
 def run(args: argparse.Namespace) -> int:
     torch.set_flush_denormal(True)  # denormals in BN/ReLU features otherwise slow CPU convolutions a lot
     start = time.perf_counter()
-    encoder = load_encoder(args.encoder)
+    encoder = image_encoder(load_encoder(args.encoder))  # a CLIP export: its image tower
     meta = read_metadata(args.encoder)
     from sslscale.data import CorruptDataError
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sslscale.models import image_encoder
 from sslscale.objectives.base import Objective, StepContext
 from sslscale.train import checkpoint, rundir
 from sslscale.train import config as config_mod
@@ -326,7 +327,7 @@ def _probe(s: Session) -> float:
     """kNN accuracy of the encoder's features; every rank runs the same forwards (ZeRO-3 gathers collectively)."""
     assert s.probe is not None
     bank_x, bank_y, query_x, query_y = s.probe
-    encoder = s.engine.module.encoder
+    encoder = image_encoder(s.engine.module.encoder)  # CLIP: the image tower
 
     def cast(x: torch.Tensor) -> torch.Tensor:
         return x.to(s.device, s.dtype)
