@@ -183,7 +183,9 @@ def set_up(cfg: PretrainConfig, resume: str | None, stop: StopRequest) -> Sessio
     if rank == 0:
         meta = {"encoder": getattr(objective.encoder, "config", None),
                 "objective": {"name": cfg.objective.name, **cfg.objective.kwargs},
-                "export_modules": list(objective.export_modules)}
+                "export_modules": list(objective.export_modules),
+                # text streams: the tokenizer the model was trained with (export copies it beside the weights)
+                "tokenizer": _absolute(getattr(stream, "tokenizer_path", None))}
         (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
     engine = initialize(cfg, objective, world)
     seed_all(cfg.seed + 1 + rank)  # augmentation and dropout randomness differs across ranks
@@ -308,6 +310,10 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
             "nonfinite_skipped": s.policy.skipped, "state": state,
             "checkpoint": str(checkpoint.root(s.run_dir) / checkpoint.tag_for(s.saved_at))
             if s.saved_at >= 0 else None, "launcher": s.launcher}
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
 
 
 def _objective_metrics(metrics: dict) -> dict:
