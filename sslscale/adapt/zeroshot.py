@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslscale.models.clip import CLIP
+
 # Prompt names of the Fashion-MNIST classes (index = label): the dataset's names in plain lower-case words.
 FASHION_MNIST_CLASSES = (
     "t-shirt",
@@ -63,7 +65,7 @@ def _tokenizer(tokenizer: Any) -> Any:
     return load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
 
 
-def _seq_len(model: nn.Module, seq_len: int | None) -> int:
+def _seq_len(model: CLIP, seq_len: int | None) -> int:
     if seq_len is not None:
         return seq_len
     text = getattr(model, "config", {}).get("text_encoder", {})
@@ -80,7 +82,7 @@ def _check_model(model: nn.Module) -> None:
 
 @torch.no_grad()
 def encode_prompts(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], seq_len: int | None = None, batch_size: int = 256
+    model: CLIP, tokenizer: Any, texts: Sequence[str], seq_len: int | None = None, batch_size: int = 256
 ) -> torch.Tensor:
     """(len(texts), D) normalised text embeddings of `texts`, tokenised as training captions are."""
     from sslscale.data.text import caption_ids
@@ -100,7 +102,7 @@ def encode_prompts(
 
 
 def zero_shot_classifier(
-    model: nn.Module,
+    model: CLIP,
     tokenizer: Any,
     class_names: Sequence[str],
     templates: Sequence[str] = TEMPLATES,
@@ -124,7 +126,7 @@ def zero_shot_classifier(
 
 @torch.no_grad()
 def zero_shot_logits(
-    model: nn.Module, classifier: torch.Tensor, images: torch.Tensor, batch_size: int = 1000
+    model: CLIP, classifier: torch.Tensor, images: torch.Tensor, batch_size: int = 1000
 ) -> torch.Tensor:
     """(N, C) logit_scale x cosine(image embedding, class embedding), in eval mode (mode restored)."""
     _check_model(model)
@@ -144,21 +146,21 @@ def zero_shot_logits(
 
 
 def zero_shot_predict(
-    model: nn.Module, classifier: torch.Tensor, images: torch.Tensor, batch_size: int = 1000
+    model: CLIP, classifier: torch.Tensor, images: torch.Tensor, batch_size: int = 1000
 ) -> torch.Tensor:
     """(N,) int64 predicted class of each image: the class embedding most similar to its image embedding."""
     return zero_shot_logits(model, classifier, images, batch_size).argmax(dim=1)
 
 
 def zero_shot_accuracy(
-    model: nn.Module, classifier: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
+    model: CLIP, classifier: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
 ) -> float:
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     return float((zero_shot_predict(model, classifier, images, batch_size) == labels).float().mean())
 
 
-def load_clip(path: str | os.PathLike) -> tuple[nn.Module, Any]:
+def load_clip(path: str | os.PathLike) -> tuple[CLIP, Any]:
     """(CLIP in eval mode, its tokenizer) from an exported CLIP: the tokenizer file the metadata names, resolved
     next to the export (`sslscale export` copies the run's tokenizer there)."""
     from sslscale.data.text import load_tokenizer
@@ -166,6 +168,7 @@ def load_clip(path: str | os.PathLike) -> tuple[nn.Module, Any]:
 
     model = load_encoder(str(path))
     _check_model(model)
+    assert isinstance(model, CLIP)
     name = read_metadata(str(path)).get("tokenizer")
     if not name:
         raise ValueError(
@@ -207,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit_test:
         test_x, test_y = test_x[: args.limit_test], test_y[: args.limit_test]
     torch.manual_seed(0)
-    random_model = encoder_from_config(model.config).eval()
+    random_model = encoder_from_config(model.config).eval()  # the same CLIP at a seed-fixed random init
+    assert isinstance(random_model, CLIP)
     res: dict[str, Any] = {
         "clip": str(args.clip),
         "templates": list(TEMPLATES),
