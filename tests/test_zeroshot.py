@@ -142,3 +142,24 @@ def test_load_clip_reads_the_export_and_its_tokenizer(model, tokenizer, tmp_path
     save_encoder(model, str(tmp_path / "bare.safetensors"))
     with pytest.raises(ValueError, match="names no tokenizer"):
         zeroshot.load_clip(tmp_path / "bare.safetensors")
+
+
+@pytest.mark.slow  # ~20 s under contention: three probe rows with cross-validation
+def test_sslscale_evaluate_probes_a_clip_exports_image_tower(model, tmp_path, capsys):
+    import json
+
+    from sslscale.cli import main
+    from tests.test_probe import _fake_fashion
+
+    (tmp_path / "data").mkdir()
+    data = _fake_fashion(tmp_path / "data")
+    path = str(tmp_path / "clip.safetensors")
+    save_encoder(model, path)
+    out = tmp_path / "res.json"
+    rc = main(
+        ["evaluate", path, "--data-dir", str(data), "--labels-per-class", "2", "--seeds", "1", "--json", str(out)]
+    )
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    # the image tower's 32 features (not the 16-wide projection, not a CLIP forward that needs text)
+    assert rows["pretrained"]["feature_dim"] == rows["random_init"]["feature_dim"] == model.visual.out_dim == 32
