@@ -277,7 +277,7 @@ def test_clip_logit_scale_is_clamped_at_100_with_zero_gradient_beyond():
     model = _clip()
     scale = model.logit_scale
     scale().backward()
-    torch.testing.assert_close(scale.log_scale.grad, torch.tensor(1 / 0.07))  # d exp(s)/ds = exp(s)
+    torch.testing.assert_close(scale.log_scale.grad, torch.tensor([1 / 0.07]))  # d exp(s)/ds = exp(s)
     with torch.no_grad():
         scale.log_scale.fill_(math.log(250.0))
     scale.log_scale.grad = None

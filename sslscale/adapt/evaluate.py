@@ -22,7 +22,7 @@ import torch
 
 from sslscale.adapt import probe
 from sslscale.adapt.datasets import SOURCES, load_shards, load_split
-from sslscale.models import encoder_from_config, load_encoder, read_metadata
+from sslscale.models import encoder_from_config, image_encoder, load_encoder, read_metadata
 
 ROWS = ("pretrained", "random_init", "raw_pixels")
 
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_flush_denormal(True)  # denormals in BN/ReLU features otherwise slow CPU convolutions a lot
     start = time.perf_counter()
     try:
-        encoder = load_encoder(args.encoder)
+        encoder = image_encoder(load_encoder(args.encoder))  # a CLIP export: its image tower
         meta = read_metadata(args.encoder)
     except Exception as e:  # any unreadable file: safetensors, JSON, config and shape errors
         print(f"sslscale evaluate: error: cannot load the encoder {args.encoder}: {type(e).__name__}: {e}",

@@ -220,12 +220,7 @@ def labeled(ctx: PipelineContext, items: list[dict], gen: torch.Generator) -> di
 
 def _caption_ids(ctx: PipelineContext, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """`[CLS] caption [EOS] [PAD]...` rows of seq_len: pool at 0 ([CLS]) or at attention_mask.sum() - 1 ([EOS])."""
-    n = ctx.spec.seq_len
-    rows = [[textlib.CLS_ID] + e.ids[: n - 2] + [textlib.EOS_ID] for e in ctx.tokenizer.encode_batch(texts)]
-    ids = torch.full((len(rows), n), textlib.PAD_ID, dtype=torch.int64)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.int64)
-    return ids, (ids != textlib.PAD_ID).long()
+    return textlib.caption_ids(ctx.tokenizer, texts, ctx.spec.seq_len)
 
 
 @register_pipeline("image_text", needs=("image", "text"), optional=("label",), image_keys=("image",),

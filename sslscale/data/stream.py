@@ -499,6 +499,11 @@ class Stream:
         return {**{k: 0 for k in _COUNTERS}, "skipped": {}, "shard_errors": {}}
 
     @property
+    def tokenizer_path(self) -> str | None:
+        """The tokenizer.json a text pipeline reads (None for image pipelines): what the run records for export."""
+        return self.plan.tokenizer_path
+
+    @property
     def batches_per_epoch(self) -> int | None:
         """Batches this rank yields per epoch (the same on every rank); None when endless."""
         per_worker = self.plan.per_worker_batches(self.epoch)

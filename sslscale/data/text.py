@@ -115,6 +115,18 @@ def _pad(rows: list[list[int]], seq_len: int) -> tuple[torch.Tensor, torch.Tenso
     return ids, (ids != PAD_ID).long()
 
 
+def caption_ids(tokenizer, texts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[CLS] text [EOS] [PAD]...` rows of seq_len (text cut to seq_len - 2 tokens) and their attention mask:
+    the one layout of captions, for training (the `image_text` pipeline) and for zero-shot prompts alike."""
+    if seq_len < 3:
+        raise ValueError(f"seq_len must be >= 3 ([CLS], a token, [EOS]), got {seq_len}")
+    rows = [[CLS_ID] + e.ids[: seq_len - 2] + [EOS_ID] for e in tokenizer.encode_batch(texts)]
+    ids = torch.full((len(rows), seq_len), PAD_ID, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+    return ids, (ids != PAD_ID).long()
+
+
 def mask_tokens(input_ids: torch.Tensor, vocab_size: int, gen: torch.Generator, mask_prob: float = 0.15
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: select `mask_prob` of the non-special tokens; of those 80% -> [MASK], 10% -> a random

@@ -79,6 +79,13 @@ def build_head(name: str, in_dim: int, **kwargs: Any) -> nn.Module:
     return _lookup(HEADS, "head", name)(in_dim, **kwargs)
 
 
+def image_encoder(model: nn.Module) -> nn.Module:
+    """The module mapping images alone to features: `model.image_encoder()` for models that need more than
+    images in their forward (CLIP: its image tower), else the model itself. Probes and kNN monitors call this."""
+    hook = getattr(model, "image_encoder", None)
+    return hook() if callable(hook) else model
+
+
 def encoder_from_config(config: dict[str, Any], where: str = "encoder") -> nn.Module:
     """Rebuild an encoder (fresh weights) from its `config` dict."""
     if not isinstance(config, dict) or "name" not in config:
@@ -132,6 +139,6 @@ def load_encoder(path: str) -> nn.Module:
     return encoder.eval()
 
 
-__all__ = ["build_encoder", "build_head", "check_kwargs", "encoder_from_config", "load_encoder", "read_metadata",
-           "save_encoder", "ENCODERS", "HEADS", "BERT", "CLIP", "ConvNetSmall", "GPT", "MLPHead", "ResNet",
-           "ResNetSmall", "TextTransformer", "ViT"]
+__all__ = ["build_encoder", "build_head", "check_kwargs", "encoder_from_config", "image_encoder", "load_encoder",
+           "read_metadata", "save_encoder", "ENCODERS", "HEADS", "BERT", "CLIP", "ConvNetSmall", "GPT", "MLPHead",
+           "ResNet", "ResNetSmall", "TextTransformer", "ViT"]

@@ -8,6 +8,8 @@ logit scale (Radford et al. 2021).
 - `CLIP.encode_image(images)`, `CLIP.encode_text(ids, attention_mask)` -> (B, embed_dim), not normalised (the
   InfoNCE kernel normalises); `CLIP.logit_scale()` -> exp(log_scale) clamped at `max_logit_scale` (gradient 0
   beyond the clamp). The objective passes `temperature = 1 / logit_scale()` to `sslscale.ops.infonce(mode="clip")`.
+- `CLIP.image_encoder()` -> the image tower: probes (`sslscale evaluate`, the online kNN monitor) read images
+  through `sslscale.models.image_encoder(model)`, which asks a model for it.
 - The logit scale is a submodule (`LogitScale`) so that calling it is a module forward: under ZeRO-3 that is what
   gathers its parameter.
 """
@@ -100,11 +102,14 @@ class LogitScale(nn.Module):
         _checks.positive_float("max_logit_scale", max_scale)
         if init > max_scale:
             raise ValueError(f"init_logit_scale={init} is above max_logit_scale={max_scale}")
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
+        # shape (1,), not 0-d: DeepSpeed's start-up broadcast views every parameter as bytes, which a 0-d tensor
+        # cannot do ("self.dim() cannot be 0 to view Float as Byte")
+        self.log_scale = nn.Parameter(torch.tensor([math.log(init)]))
         self.max_log = math.log(max_scale)
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.clamp(max=self.max_log).exp()
+        """The scale as a 0-d tensor."""
+        return self.log_scale.clamp(max=self.max_log).exp().reshape(())
 
 
 class CLIP(nn.Module):
@@ -157,6 +162,10 @@ class CLIP(nn.Module):
             if hasattr(tower, "no_weight_decay"):
                 names |= {prefix + n for n in tower.no_weight_decay()}
         return names
+
+    def image_encoder(self) -> nn.Module:
+        """The image tower (features before the projection): what linear probes and kNN monitors read."""
+        return self.visual
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual_proj(self.visual(images))

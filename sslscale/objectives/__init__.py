@@ -23,6 +23,7 @@ OBJECTIVES: dict[str, str] = {
     "simsiam": "sslscale.objectives.simsiam:SimSiam",
     "moco_v3": "sslscale.objectives.moco_v3:MoCoV3",
     "triplet": "sslscale.objectives.triplet:Triplet",
+    "clip": "sslscale.objectives.clip:CLIPObjective",
 }
 
 

@@ -9,7 +9,8 @@ the encoder alone: EMA targets, predictors, projectors, queues and classifiers a
 alone its `encoder.` prefix is stripped, so the file holds PLAIN encoder keys and loads with
 `sslscale.models.load_encoder` (what `sslscale evaluate` reads). An objective exporting more modules (a GPT with its
 head, say) keeps each key's module prefix. Metadata key "sslscale" (and the sidecar FILE.json) hold
-{"encoder": encoder config, "objective": ..., "modules": [...], "step": ..., "run_dir": ...}.
+{"encoder": encoder config, "objective": ..., "modules": [...], "step": ..., "run_dir": ...}; a run on text
+shards also gets its tokenizer copied to FILE_STEM.tokenizer.json beside the weights, named in "tokenizer".
 
 The checkpoint is the newest complete one that verifies (`checkpoint.resolve_resume`); its files are read with
 the weights-only unpickler (`train/safe_load.py`), and weights holding NaN/inf are refused with their names.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -119,6 +121,14 @@ def export(run_dir: str | Path, out: str | Path, which: str = "auto") -> dict:
             "step": step,
             "run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name, "tensors": len(weights)}
     out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = model_meta.get("tokenizer")
+    if tokenizer:  # a text model: its tokenizer travels with the weights, named relative to them
+        if not Path(tokenizer).is_file():
+            raise FileNotFoundError(f"the run's tokenizer {tokenizer} (RUN_DIR/model.json) no longer exists; the "
+                                    "export would not be usable without it")
+        name = out.stem + ".tokenizer.json"
+        shutil.copyfile(tokenizer, out.parent / name)
+        meta["tokenizer"] = name
     tmp = out.with_name(out.name + ".tmp")
     save_file(weights, str(tmp), metadata={"sslscale": json.dumps(meta)})
     tmp.replace(out)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sslscale.models import image_encoder
 from sslscale.objectives.base import Objective, StepContext
 from sslscale.train import checkpoint, rundir
 from sslscale.train import config as config_mod
@@ -213,7 +214,9 @@ def set_up(cfg: PretrainConfig, resume: str | None, stop: StopRequest) -> Sessio
     if rank == 0:
         meta = {"encoder": getattr(objective.encoder, "config", None),
                 "objective": {"name": cfg.objective.name, **cfg.objective.kwargs},
-                "export_modules": list(objective.export_modules)}
+                "export_modules": list(objective.export_modules),
+                # text streams: the tokenizer the model was trained with (export copies it beside the weights)
+                "tokenizer": _absolute(getattr(stream, "tokenizer_path", None))}
         (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
     engine = initialize(cfg, objective, world)
     seed_all(cfg.seed + 1 + rank)  # augmentation and dropout randomness differs across ranks
@@ -365,6 +368,10 @@ def _check_finite_weights(s: Session, step: int) -> None:
                               f"checkpointed (the newest good checkpoint: {last}); lower optimizer.lr or set grad_clip")
 
 
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
 def _objective_metrics(metrics: dict) -> dict:
     """The objective's own metrics (rank 0's last micro-batch), as plain numbers; `loss` is logged globally."""
     out = {}
@@ -382,7 +389,7 @@ def _probe(s: Session) -> float:
     """kNN accuracy of the encoder's features; every rank runs the same forwards (ZeRO-3 gathers collectively)."""
     assert s.probe is not None
     bank_x, bank_y, query_x, query_y = s.probe
-    encoder = s.engine.module.encoder
+    encoder = image_encoder(s.engine.module.encoder)  # CLIP: the image tower
 
     def cast(x: torch.Tensor) -> torch.Tensor:
         return x.to(s.device, s.dtype)
