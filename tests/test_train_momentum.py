@@ -86,9 +86,14 @@ def test_one_rank_2b_and_two_ranks_b_reach_the_same_targets(runs, objective, sta
     targets = [k for k in one if k.startswith("target_")]
     assert len(targets) >= 6 and set(targets) <= set(two)
     start = _final_state(tmp / f"{objective}{stage}_w1", stage, step=3)
-    # fp32 reductions in a different order (2 ranks vs 1), through Adam's g / sqrt(v): ~1e-6 on weights ~3e-2
+    # fp32 reductions in a different order (2 ranks vs 1), through Adam's g / sqrt(v): ~1e-6 on weights ~3e-2, but
+    # a near-zero gradient element can flip its update's sign (7.7e-4 on 1 of 25,088 elements on an AVX-512 CPU).
+    # So: each target's discrepancy is < 1% of how far it moved in steps 3..6 (a partition left un-updated, a wrong
+    # momentum or a missing rank's contribution gives ~100%), and no element is off by more than 2e-3.
     for key in targets:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+        diff, moved = float((two[key] - one[key]).norm()), float((one[key] - start[key]).norm())
+        assert diff <= 1e-2 * moved + 1e-6, f"{key}: |two - one| = {diff:.3g} vs moved {moved:.3g}"
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=2e-3, msg=lambda m, key=key: f"{key}: {m}")
     # the targets really moved between steps 3 and 6 (the comparison is not between two untouched copies)
     assert max(float((one[k] - start[k]).abs().max()) for k in targets) > 1e-3
     if objective == "moco":
