@@ -186,12 +186,13 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def tokenizer_path(spec: StreamSpec, manifest: dict | None, base: str | None) -> str:
-    """The tokenizer a text stream uses: `spec.tokenizer`, else the one its manifest names (local only)."""
-    if spec.tokenizer is not None:
-        return str(spec.tokenizer)
+def tokenizer_path(override: str | None, manifest: dict | None, base: str | None, pipeline: str = "text") -> str:
+    """The tokenizer a text stream uses: `override` (StreamSpec.tokenizer), else the one the shards' manifest
+    names (local only)."""
+    if override is not None:
+        return str(override)
     if not manifest or "tokenizer" not in manifest:
-        raise ValueError(f"pipeline {spec.pipeline!r} needs a tokenizer: pass StreamSpec(tokenizer=...) or "
+        raise ValueError(f"pipeline {pipeline!r} needs a tokenizer: pass StreamSpec(tokenizer=...) or "
                          "use shards written by `sslscale shards` from a text or image-text source")
     name = manifest["tokenizer"]
     from sslscale.data.shardlist import confine, local_path
@@ -208,7 +209,7 @@ def stream_vocab_size(spec: StreamSpec) -> int:
     """Vocabulary size of the tokenizer a text stream uses (what a text encoder's embedding must cover); reads
     the manifest and the tokenizer only, no shard."""
     _, manifest, base = resolve_shards(spec.shards)
-    return textlib.load_tokenizer(tokenizer_path(spec, manifest, base)).get_vocab_size()
+    return textlib.load_tokenizer(tokenizer_path(spec.tokenizer, manifest, base, spec.pipeline)).get_vocab_size()
 
 
 class _Plan:
@@ -250,7 +251,7 @@ class _Plan:
 
     def _setup_tokenizer(self, manifest: dict | None, base: str | None) -> None:
         spec = self.spec
-        path = tokenizer_path(spec, manifest, base)
+        path = tokenizer_path(spec.tokenizer, manifest, base, spec.pipeline)
         self.ctx.tokenizer_path = str(path)
         self.ctx.vocab_size = textlib.load_tokenizer(path).get_vocab_size()
         if spec.pipeline == "clm" and spec.mode == "epoch":
