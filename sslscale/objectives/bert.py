@@ -20,6 +20,8 @@ tokens in this micro-batch). The encoder is the whole BERT (embeddings, blocks, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +32,7 @@ IGNORE = -100
 
 
 class BertPretraining(Objective):
-    batch_keys = ("input_ids", "attention_mask", "labels", "token_type_ids", "next_sentence_label")
+    batch_keys: tuple[str, ...] = ("input_ids", "attention_mask", "labels", "token_type_ids", "next_sentence_label")
 
     def __init__(self, encoder: nn.Module, nsp_weight: float = 1.0) -> None:
         super().__init__(encoder)
@@ -49,10 +51,11 @@ class BertPretraining(Objective):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.check_batch(batch)
         labels = batch["labels"]
-        hidden = self.encoder(batch["input_ids"], batch.get("token_type_ids"), batch["attention_mask"])
+        bert: Any = self.encoder  # a BERT: mlm_head, nsp_head, pool (checked in __init__)
+        hidden = bert(batch["input_ids"], batch.get("token_type_ids"), batch["attention_mask"])
         selected = labels != IGNORE
         # Rows of the selected positions only: the vocabulary projection runs on ~15% of the tokens.
-        mlm_loss, correct = self.encoder.mlm_head(hidden[selected], labels[selected], return_correct=True)
+        mlm_loss, correct = bert.mlm_head(hidden[selected], labels[selected], return_correct=True)
         masked = selected.sum()
         loss = mlm_loss
         metrics = {
@@ -61,7 +64,7 @@ class BertPretraining(Objective):
             "masked": masked.float(),
         }
         if self.nsp_weight > 0:
-            nsp_logits = self.encoder.nsp_head(self.encoder.pool(hidden)).float()
+            nsp_logits = bert.nsp_head(bert.pool(hidden)).float()
             target = batch["next_sentence_label"]
             nsp_loss = F.cross_entropy(nsp_logits, target)
             loss = loss + self.nsp_weight * nsp_loss
