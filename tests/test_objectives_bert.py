@@ -262,3 +262,19 @@ def test_vocab_size_comes_from_the_shards_tokenizer(bbc):
         resolve_data_kwargs(missing)
     with pytest.raises(config.ConfigError, match=r"needs \['vocab_size'\]"):  # image data supplies none
         config.load(None, [*base[:4], "data.pipeline=labeled", base[4]])
+
+
+def test_tfidf_baseline_matches_the_formula():
+    """sslscale.bench.bert_bbc's bag of words: (1 + log tf) x (log((1 + N) / (1 + df)) + 1), rows L2-normalised;
+    words of the test texts outside the training vocabulary are dropped."""
+    from sslscale.bench.bert_bbc import tfidf
+
+    train = ["Apple apple banana", "banana cherry", "apple cherry cherry cherry"]
+    tr, te = tfidf(train, ["cherry durian"], min_df=1)
+    docs = [t.lower().split() for t in train]
+    vocab = sorted({w for d in docs for w in d}, key=lambda w: (-sum(w in d for d in docs), w))
+    idf = {w: math.log(4 / (1 + sum(w in d for d in docs))) + 1 for w in vocab}
+    for row, d in zip(tr, docs):
+        want = torch.tensor([(1 + math.log(d.count(w))) * idf[w] if w in d else 0.0 for w in vocab])
+        torch.testing.assert_close(row, want / want.norm())
+    assert torch.equal(te[0] != 0, torch.tensor([w == "cherry" for w in vocab]))

@@ -110,7 +110,8 @@ def tfidf(
     word = re.compile(r"[a-z0-9']+")
     train_tokens = [word.findall(t.lower()) for t in train_texts]
     df = Counter(w for toks in train_tokens for w in set(toks))
-    vocab = [w for w, c in df.most_common(max_words) if c >= min_df]
+    ranked = sorted(df, key=lambda w: (-df[w], w))  # ties by word: the same vocabulary whatever the hash seed
+    vocab = [w for w in ranked[:max_words] if df[w] >= min_df]
     index = {w: i for i, w in enumerate(vocab)}
     idf = torch.tensor([math.log((1 + len(train_texts)) / (1 + df[w])) + 1 for w in vocab])
 
