@@ -111,3 +111,81 @@ def test_clip_export_holds_the_whole_clip_and_its_tokenizer_for_zero_shot(runs, 
     assert classifier.shape == (10, 32)
     assert zeroshot.zero_shot_predict(model, classifier, torch.rand(3, 1, 28, 28)).shape == (3,)
     assert image_encoder(model)(torch.rand(2, 1, 28, 28)).shape == (2, 64)  # what `sslscale evaluate` probes
+
+
+# ---- BERT on BBC News: the recipe as shipped on a tiny slice (narrower model, shorter rows) ----
+BERT_STEPS = 24
+
+
+def _train_bert(rank, world, shards, tmp):
+    from sslscale.train import config
+    from sslscale.train.pretrain import pretrain
+
+    cfg = config.load(td.REPO / "configs/pretrain/bert_bbc.yaml", [
+        f"data.shards={shards}", "data.batch_size=16", "data.num_workers=0", "data.seq_len=64", "zero.config=null",
+        "model.encoder_kwargs.dim=64", "model.encoder_kwargs.depth=2", "model.encoder_kwargs.max_seq_len=64",
+        f"schedule.total_steps={BERT_STEPS}", "schedule.warmup_steps=3", "optimizer.lr=0.002",
+        f"checkpoint.every={BERT_STEPS}", "logging.every=1", "logging.progress=false", "watchdog_s=0",
+        f"run_dir={tmp}/bert_bbc"])
+    pretrain(cfg)
+    return True
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory):
+    shards = data_helpers.shards(tmp_path_factory, "bbc-news", "train", per_shard=64, limit=128, vocab_size=1000)
+    tmp = tmp_path_factory.mktemp("bert")
+    run_distributed(_train_bert, 1, str(shards), str(tmp))
+    return tmp / "bert_bbc", shards
+
+
+@pytest.mark.dist
+def test_bert_recipe_trains_mlm_and_nsp(bert_run):
+    import yaml
+
+    run, shards = bert_run
+    lines = td.metrics(run)
+    assert [r["step"] for r in lines] == list(range(1, BERT_STEPS + 1))
+    for key in ("loss", "objective/mlm_loss"):
+        values = [r[key] for r in lines]
+        assert statistics.mean(values[-5:]) < statistics.mean(values[:5]) - 0.3, (key, values)  # noise: ~0.05
+    assert {"objective/mlm_acc", "objective/nsp_loss", "objective/nsp_acc"} <= set(lines[-1])
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["encoder_kwargs"]["vocab_size"] == 1000  # taken from the shards' tokenizer
+
+
+@pytest.mark.dist
+def test_bert_export_loads_in_transformers_with_equal_outputs(bert_run, tmp_path):
+    """The trained BERT as `sslscale export --hf` writes it: BertForPreTraining gives our hidden states, pooled
+    feature, MLM and NSP logits, and its tokenizer is the shards' one."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from sslscale.models import load_encoder
+    from sslscale.train.export import export, export_hf
+
+    run, shards = bert_run
+    meta = export(run, tmp_path / "bert.safetensors")
+    assert meta["modules"] == ["encoder"]  # the encoder is the whole BERT: pooler, MLM and NSP heads included
+    model = load_encoder(str(tmp_path / "bert.safetensors"))
+    assert {"mlm_head.dense.weight", "nsp_head.weight", "pooler.dense.weight"} <= set(model.state_dict())
+    export_hf(tmp_path / "bert.safetensors", tmp_path / "hf", run)
+    hf, info = transformers.BertForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.vocab_size == 1000 and tok.mask_token_id == 3
+    ids = torch.randint(6, 1000, (3, 40))
+    mask = torch.ones_like(ids)
+    mask[2, 25:] = 0
+    types = torch.zeros_like(ids)
+    types[:, 20:] = 1
+    with torch.no_grad():
+        ours = model(ids, types, mask)
+        out = hf.eval()(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        torch.testing.assert_close(out.hidden_states[-1], ours, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(out.prediction_logits, model.mlm_head(ours), rtol=1e-5, atol=5e-5)
+        torch.testing.assert_close(out.seq_relationship_logits, model.nsp_head(model.pool(ours)), rtol=1e-5,
+                                   atol=2e-5)
+        base = transformers.BertModel.from_pretrained(tmp_path / "hf").eval()
+        torch.testing.assert_close(base(ids, attention_mask=mask, token_type_ids=types).pooler_output,
+                                   model.encode(ids, types, mask), rtol=1e-5, atol=2e-5)

@@ -239,24 +239,34 @@ def _windows(ctx: PipelineContext, items: list[dict], reserved: int, gen: torch.
     return textlib.tokenize_windows(ctx.tokenizer, [it["text"] for it in items], ctx.spec.seq_len - reserved, gen)
 
 
+def _spans(spec) -> textlib.SpanMasking | None:
+    """`masking: span` -> the span settings; None: BERT's token masking."""
+    return textlib.SpanMasking(spec.span_p, spec.span_max) if spec.masking == "span" else None
+
+
+_SELECTION = ("selected: 15% (mask_prob) of the ordinary tokens, i.i.d. (masking=token) or as contiguous spans "
+              "(masking=span); 80% [MASK], 10% random, 10% kept (per span with spans)")
+
+
 @register_pipeline("mlm", needs=("text",), optional=("label",),
-                   keys={"input_ids": "[CLS] window [SEP] [PAD]... with 15% selected (80% [MASK], 10% random, "
-                                      "10% kept), int64 (B, seq_len)",
+                   keys={"input_ids": f"[CLS] window [SEP] [PAD]..., {_SELECTION}, int64 (B, seq_len)",
                          "attention_mask": "int64 (B, seq_len)",
                          "labels": "original id at selected positions, -100 elsewhere, int64 (B, seq_len)"})
 def mlm(ctx: PipelineContext, items: list[dict], gen: torch.Generator) -> dict:
     spec = ctx.spec
-    return textlib.mlm_batch(_windows(ctx, items, 2, gen), spec.seq_len, ctx.vocab_size, gen, spec.mask_prob)
+    return textlib.mlm_batch(_windows(ctx, items, 2, gen), spec.seq_len, ctx.vocab_size, gen, spec.mask_prob,
+                             _spans(spec))
 
 
 @register_pipeline("nsp", needs=("text",), optional=("label",),
-                   keys={"input_ids": "[CLS] A [SEP] B [SEP] [PAD]..., MLM-masked, int64 (B, seq_len)",
+                   keys={"input_ids": f"[CLS] A [SEP] B [SEP] [PAD]..., MLM {_SELECTION}, int64 (B, seq_len)",
                          "attention_mask": "int64 (B, seq_len)", "labels": "MLM targets (-100 elsewhere)",
                          "token_type_ids": "0 for [CLS] A [SEP], 1 for B [SEP]",
                          "next_sentence_label": "0 = B continues A, 1 = B from another document, int64 (B,)"})
 def nsp(ctx: PipelineContext, items: list[dict], gen: torch.Generator) -> dict:
     spec = ctx.spec
-    return textlib.nsp_batch(_windows(ctx, items, 3, gen), spec.seq_len, ctx.vocab_size, gen, spec.mask_prob)
+    return textlib.nsp_batch(_windows(ctx, items, 3, gen), spec.seq_len, ctx.vocab_size, gen, spec.mask_prob,
+                             _spans(spec))
 
 
 def _clm_tokens(ctx: PipelineContext, item: dict) -> list[int]:

@@ -97,7 +97,10 @@ class StreamSpec:
     # text
     tokenizer: str | None = None  # default: the tokenizer.json written next to the manifest
     seq_len: int = 128
-    mask_prob: float = 0.15
+    mask_prob: float = 0.15  # mlm / nsp: fraction of ordinary tokens selected for prediction
+    masking: Literal["token", "span"] = "token"  # mlm / nsp: BERT's i.i.d. tokens | SpanBERT's contiguous spans
+    span_p: float = 0.2  # masking=span: span lengths ~ geometric(span_p) truncated at span_max
+    span_max: int = 10
     # DataLoader
     prefetch_factor: int = 2
     inline_threads: int | None = 1  # num_workers=0: torch threads while a batch is assembled (None: leave as is)
@@ -112,6 +115,11 @@ class StreamSpec:
         get_pipeline(self.pipeline)  # names the registered ones when unknown
         if self.mode not in ("epoch", "resampled"):
             raise ValueError(f"mode must be 'epoch' or 'resampled', got {self.mode!r}")
+        if self.masking not in ("token", "span"):
+            raise ValueError(f"masking must be 'token' or 'span', got {self.masking!r}")
+        if not 0 <= self.mask_prob < 1:
+            raise ValueError(f"mask_prob must be in [0, 1), got {self.mask_prob!r}")
+        textlib.SpanMasking(self.span_p, self.span_max)  # names a bad span_p / span_max
         if self.corrupt not in ("skip", "fail"):
             raise ValueError(f"corrupt must be 'skip' or 'fail', got {self.corrupt!r}")
         if self.batch_size < 1 or self.num_workers < 0:
@@ -178,6 +186,32 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def tokenizer_path(override: str | None, manifest: dict | None, base: str | None, pipeline: str = "text") -> str:
+    """The tokenizer a text stream uses: `override` (StreamSpec.tokenizer), else the one the shards' manifest
+    names (local only)."""
+    if override is not None:
+        return str(override)
+    if not manifest or "tokenizer" not in manifest:
+        raise ValueError(f"pipeline {pipeline!r} needs a tokenizer: pass StreamSpec(tokenizer=...) or "
+                         "use shards written by `sslscale shards` from a text or image-text source")
+    name = manifest["tokenizer"]
+    from sslscale.data.shardlist import confine, local_path
+
+    confine(name, "manifest tokenizer")
+    path = os.path.join(base or "", name)
+    if local_path(path) is None:
+        raise ValueError(f"the tokenizer of remote shards must be local: pass StreamSpec(tokenizer=...) "
+                         f"(the manifest names {path})")
+    return path
+
+
+def stream_vocab_size(spec: StreamSpec) -> int:
+    """Vocabulary size of the tokenizer a text stream uses (what a text encoder's embedding must cover); reads
+    the manifest and the tokenizer only, no shard."""
+    _, manifest, base = resolve_shards(spec.shards)
+    return textlib.load_tokenizer(tokenizer_path(spec.tokenizer, manifest, base, spec.pipeline)).get_vocab_size()
+
+
 class _Plan:
     """Everything a worker needs, picklable: which shards each slot reads, how, and how many batches it makes."""
 
@@ -217,19 +251,7 @@ class _Plan:
 
     def _setup_tokenizer(self, manifest: dict | None, base: str | None) -> None:
         spec = self.spec
-        path = spec.tokenizer
-        if path is None:
-            if not manifest or "tokenizer" not in manifest:
-                raise ValueError(f"pipeline {spec.pipeline!r} needs a tokenizer: pass StreamSpec(tokenizer=...) or "
-                                 "use shards written by `sslscale shards` from a text or image-text source")
-            name = manifest["tokenizer"]
-            from sslscale.data.shardlist import confine, local_path
-
-            confine(name, "manifest tokenizer")
-            path = os.path.join(base, name)
-            if local_path(path) is None:
-                raise ValueError(f"the tokenizer of remote shards must be local: pass StreamSpec(tokenizer=...) "
-                                 f"(the manifest names {path})")
+        path = tokenizer_path(spec.tokenizer, manifest, base, spec.pipeline)
         self.ctx.tokenizer_path = str(path)
         self.ctx.vocab_size = textlib.load_tokenizer(path).get_vocab_size()
         if spec.pipeline == "clm" and spec.mode == "epoch":

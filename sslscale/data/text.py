@@ -7,6 +7,8 @@ reproduces the same masks and pairs.
 Conventions:
 - special tokens have fixed ids: [PAD]=0, [CLS]=1, [SEP]=2, [MASK]=3, [EOS]=4, [UNK]=5; ordinary tokens >= 6.
 - MLM labels are the original id at selected positions and -100 elsewhere; specials and padding are never selected.
+  Selection is BERT's (each ordinary token with probability mask_prob) or SpanBERT's contiguous spans
+  (`SpanMasking`: geometric lengths, an exact per-row budget, one 80/10/10 treatment per span).
 - NSP follows BERT/HF: next_sentence_label 0 = segment B continues A, 1 = B comes from another document.
 - CLM blocks are cut from the concatenation `doc0 [EOS] doc1 [EOS] ...` of one worker's documents in stream
   order; `labels` equals `input_ids` (the model shifts by one, HF convention) and attention crosses documents
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -141,17 +144,87 @@ def mask_tokens(input_ids: torch.Tensor, vocab_size: int, gen: torch.Generator, 
     return out, labels
 
 
+@dataclass(frozen=True)
+class SpanMasking:
+    """SpanBERT's (Joshi et al. 2020) span selection: span lengths drawn from a geometric distribution of
+    parameter `p` truncated at `max_len` (P(l) proportional to p (1 - p)^(l - 1), l = 1..max_len: mean 3.8 for
+    p = 0.2, max_len = 10, as their implementation renormalises it)."""
+
+    p: float = 0.2
+    max_len: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0 < self.p <= 1:
+            raise ValueError(f"span p must be in (0, 1], got {self.p}")
+        if self.max_len < 1:
+            raise ValueError(f"span max_len must be >= 1, got {self.max_len}")
+
+
+def span_lengths(n: int, spans: SpanMasking, gen: torch.Generator) -> torch.Tensor:
+    """`n` span lengths (int64) from the truncated geometric distribution of `spans`."""
+    k = torch.arange(spans.max_len, dtype=torch.float64)
+    weights = spans.p * (1 - spans.p) ** k
+    return torch.multinomial(weights / weights.sum(), n, replacement=True, generator=gen) + 1
+
+
+def mask_spans(input_ids: torch.Tensor, vocab_size: int, gen: torch.Generator, mask_prob: float,
+               spans: SpanMasking) -> tuple[torch.Tensor, torch.Tensor]:
+    """Span masking: per row, round(`mask_prob` x its ordinary tokens) are selected as contiguous spans. Each
+    span starts at a uniformly drawn unselected ordinary token and runs right for its drawn length, stopping at
+    a special token, at an already selected token, or when the row's budget is met. As in SpanBERT, each span as
+    a whole becomes [MASK] (80%), random ordinary tokens (10%) or stays (10%). Returns (ids, labels)."""
+    maskable = input_ids >= NUM_SPECIAL
+    rows, width = input_ids.shape
+    selected = torch.zeros_like(maskable)
+    action = torch.zeros(input_ids.shape, dtype=torch.float64)  # the span's draw, at each of its positions
+    budgets = (mask_prob * maskable.sum(1).double()).round().long().tolist()
+    for r in range(rows):
+        budget = budgets[r]
+        if budget == 0:
+            continue
+        lengths = span_lengths(budget, spans, gen).tolist()  # enough: every span selects >= 1 token
+        anchors = torch.rand(budget, generator=gen, dtype=torch.float64).tolist()
+        actions = torch.rand(budget, generator=gen, dtype=torch.float64).tolist()
+        ok, taken = maskable[r].tolist(), [False] * width
+        done = 0
+        for length, u, a in zip(lengths, anchors, actions):
+            free = [i for i in range(width) if ok[i] and not taken[i]]
+            i = free[int(u * len(free))]
+            end = min(i + length, width)
+            while i < end and ok[i] and not taken[i] and done < budget:
+                taken[i] = True
+                action[r, i] = a
+                done += 1
+                i += 1
+            if done == budget:
+                break
+        selected[r] = torch.tensor(taken)
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE))
+    random_ids = torch.randint(NUM_SPECIAL, vocab_size, input_ids.shape, generator=gen)
+    out = torch.where(selected & (action < 0.8), torch.full_like(input_ids, MASK_ID), input_ids)
+    out = torch.where(selected & (action >= 0.8) & (action < 0.9), random_ids, out)
+    return out, labels
+
+
+def apply_masking(ids: torch.Tensor, vocab_size: int, gen: torch.Generator, mask_prob: float,
+                  spans: SpanMasking | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's token masking (`spans=None`) or span masking."""
+    if spans is None:
+        return mask_tokens(ids, vocab_size, gen, mask_prob)
+    return mask_spans(ids, vocab_size, gen, mask_prob, spans)
+
+
 def mlm_batch(docs: list[list[int]], seq_len: int, vocab_size: int, gen: torch.Generator,
-              mask_prob: float = 0.15) -> dict:
-    """[CLS] window [SEP] [PAD]... per document, then masking."""
+              mask_prob: float = 0.15, spans: SpanMasking | None = None) -> dict:
+    """[CLS] window [SEP] [PAD]... per document, then masking (of tokens, or of spans when `spans` is set)."""
     rows = [[CLS_ID] + _window(d, seq_len - 2, gen) + [SEP_ID] for d in docs]
     ids, attention = _pad(rows, seq_len)
-    masked, labels = mask_tokens(ids, vocab_size, gen, mask_prob)
+    masked, labels = apply_masking(ids, vocab_size, gen, mask_prob, spans)
     return {"input_ids": masked, "attention_mask": attention, "labels": labels}
 
 
 def nsp_batch(docs: list[list[int]], seq_len: int, vocab_size: int, gen: torch.Generator,
-              mask_prob: float = 0.15) -> dict:
+              mask_prob: float = 0.15, spans: SpanMasking | None = None) -> dict:
     """Sentence pairs `[CLS] A [SEP] B [SEP]`: exactly half the rows (rounded down) take B from the next
     document in the batch (another document), the others from the continuation of A; then MLM masking."""
     n = len(docs)
@@ -174,7 +247,7 @@ def nsp_batch(docs: list[list[int]], seq_len: int, vocab_size: int, gen: torch.G
     token_types = torch.zeros_like(ids)
     for i, t in enumerate(types):
         token_types[i, :len(t)] = torch.tensor(t)
-    masked, mlm_labels = mask_tokens(ids, vocab_size, gen, mask_prob)
+    masked, mlm_labels = apply_masking(ids, vocab_size, gen, mask_prob, spans)
     return {"input_ids": masked, "attention_mask": attention, "labels": mlm_labels, "token_type_ids": token_types,
             "next_sentence_label": torch.tensor(labels, dtype=torch.int64)}
 

@@ -6,7 +6,8 @@ Same architecture as Hugging Face `BertForPreTraining` (exportable to it, see `s
 - `model.pool(hidden)` -> (B, dim): tanh(dense(h[CLS])) (or h[CLS] itself with `pooler=False`);
   `model.encode(...)` = pool(forward(...)), the sentence feature of width `out_dim`;
 - `model.mlm_head(h)` -> logits, `model.mlm_head(h, labels)` -> chunked MLM cross-entropy (labels -100 where
-  nothing is predicted); the decoder weight is tied to the word embedding;
+  nothing is predicted; `return_correct=True` adds the count of top-1 hits); the decoder weight is tied to the
+  word embedding;
 - `model.nsp_head(pooled)` -> (B, 2) is-next logits.
 """
 
@@ -71,13 +72,14 @@ class MLMHead(nn.Module):
         self.decoder = LMHead(dim, vocab_size, tied_to=embedding, bias=True, chunk_size=chunk_size)
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None, *,
-                reduction: Reduction = "mean") -> torch.Tensor:
+                reduction: Reduction = "mean", return_correct: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         h = self.dense(hidden)
         if self.activation == "relu":
             h = torch.relu(h)
         else:
             h = nn.functional.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
-        return self.decoder(self.norm(h), labels, reduction=reduction)
+        return self.decoder(self.norm(h), labels, reduction=reduction, return_correct=return_correct)
 
 
 class BERT(nn.Module):

@@ -33,6 +33,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, ignore_index, reduction, want_grad):
         n = hidden.shape[0]
+        correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
         need_h, need_w, need_b = (want_grad and ctx.needs_input_grad[i] for i in range(3))
         want = need_h or need_w or need_b
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -52,6 +53,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             total_exp = g.sub_(top).exp_().sum(dim=1)
             lse = top.squeeze(1) + total_exp.log()
             total += ((lse - target_logit) * rows_valid).sum()
+            correct += ((target_logit >= top.squeeze(1)) & valid[start:end]).sum()  # target is the argmax
             if not want:
                 continue
             g.div_(total_exp[:, None])                             # softmax
@@ -71,11 +73,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                      None if grad_b is None else grad_b.to(bias.dtype))
         ctx.denominator = denominator
-        return total / denominator if denominator is not None else total
+        ctx.mark_non_differentiable(correct)
+        return (total / denominator if denominator is not None else total), correct
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_correct):
         if ctx.grads is None:
             raise RuntimeError("chunked_cross_entropy frees its stored gradients after the first backward; "
                                "a second backward through the same loss (retain_graph=True) is not supported")
@@ -100,13 +103,16 @@ def auto_chunk_size(vocab_size: int) -> int:
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           bias: torch.Tensor | None = None, *, chunk_size: int | None = None,
-                          ignore_index: int = -100, reduction: Reduction = "mean") -> torch.Tensor:
+                          ignore_index: int = -100, reduction: Reduction = "mean", return_correct: bool = False
+                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """cross_entropy(hidden @ weight.T + bias, targets) without materialising the logits.
 
     hidden (..., d), weight (V, d), targets (...) int64 with `ignore_index` for positions without a target.
     Logits and the softmax are computed in fp32 whatever the input dtype; the result is a 0-d fp32 tensor.
     `mean` divides by the number of non-ignored targets (0, not NaN, when there are none); `sum` is what a
-    data-parallel objective wants when it normalises by a global token count itself.
+    data-parallel objective wants when it normalises by a global token count itself. `return_correct=True` also
+    returns how many non-ignored targets hold the largest logit of their row (0-d int64; ties count as correct):
+    top-1 accuracy for free, since each chunk's row maxima are computed anyway.
     """
     if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
         raise ValueError(f"hidden (..., d) and weight (V, d) disagree: {tuple(hidden.shape)} vs {tuple(weight.shape)}")
@@ -125,8 +131,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         raise ValueError(f"reduction={reduction!r} is not supported; expected 'mean' or 'sum'")
     # Inside Function.forward grad mode is off: whether gradients are wanted is decided here.
     want_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1),
-                                      chunk_size, ignore_index, reduction, want_grad)
+    loss, correct = _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                               targets.reshape(-1), chunk_size, ignore_index, reduction, want_grad)
+    return (loss, correct) if return_correct else loss
 
 
 class LMHead(nn.Module):
@@ -154,10 +161,12 @@ class LMHead(nn.Module):
         self.chunk_size = chunk_size  # None: ~64 MiB of fp32 logits per chunk (auto_chunk_size)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, *, chunk_size: int | None = None,
-                ignore_index: int = -100, reduction: Reduction = "mean") -> torch.Tensor:
+                ignore_index: int = -100, reduction: Reduction = "mean", return_correct: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (no targets), or the chunked loss (and the correct-target count: `chunked_cross_entropy`)."""
         if targets is None:
             logits = hidden @ self.weight.T
             return logits if self.bias is None else logits + self.bias
-        return chunked_cross_entropy(hidden, self.weight, targets, self.bias,
-                                     chunk_size=chunk_size if chunk_size is not None else self.chunk_size, ignore_index=ignore_index,
-                                     reduction=reduction)
+        chunk = chunk_size if chunk_size is not None else self.chunk_size
+        return chunked_cross_entropy(hidden, self.weight, targets, self.bias, chunk_size=chunk,
+                                     ignore_index=ignore_index, reduction=reduction, return_correct=return_correct)

@@ -24,6 +24,7 @@ OBJECTIVES: dict[str, str] = {
     "moco_v3": "sslscale.objectives.moco_v3:MoCoV3",
     "triplet": "sslscale.objectives.triplet:Triplet",
     "clip": "sslscale.objectives.clip:CLIPObjective",
+    "bert": "sslscale.objectives.bert:BertPretraining",
 }
 
 

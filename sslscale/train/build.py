@@ -72,7 +72,7 @@ def check_components(cfg: PretrainConfig) -> PretrainConfig:
     for key, spec in (("model.builder", cfg.model.builder), ("probe.builder", cfg.probe.builder)):
         load_callable(spec, key)
     encoder_kwargs = check_kwargs(encoder_factory(cfg.model.encoder), cfg.model.encoder_kwargs,
-                                  "model.encoder_kwargs.")
+                                  "model.encoder_kwargs.", skip=data_supplied_kwargs(cfg))
     objective_kwargs = check_kwargs(objective_factory(cfg.objective.name), cfg.objective.kwargs,
                                     "objective.kwargs.", skip=("encoder",))
     data_builder = load_callable(cfg.data.builder, "data.builder")
@@ -86,6 +86,46 @@ def check_components(cfg: PretrainConfig) -> PretrainConfig:
         cfg, model=dataclasses.replace(cfg.model, encoder_kwargs=encoder_kwargs),
         objective=dataclasses.replace(cfg.objective, kwargs=objective_kwargs),
         data=dataclasses.replace(cfg.data, builder_kwargs=builder_kwargs), callbacks=callbacks)
+
+
+# Encoder arguments a text stream decides: the embedding must cover the tokenizer saved with the shards.
+DATA_SUPPLIED = ("vocab_size",)
+
+
+def data_supplied_kwargs(cfg: PretrainConfig) -> tuple[str, ...]:
+    """The `DATA_SUPPLIED` arguments the encoder takes and the config leaves out, when the data is text (they
+    are filled in from the stream's tokenizer when the run starts: `resolve_data_kwargs`)."""
+    from sslscale.data.pipelines import get_pipeline
+
+    if not get_pipeline(cfg.data.pipeline).uses_text:
+        return ()
+    params = inspect.signature(encoder_factory(cfg.model.encoder)).parameters
+    return tuple(n for n in DATA_SUPPLIED if n in params and n not in cfg.model.encoder_kwargs)
+
+
+def resolve_data_kwargs(cfg: PretrainConfig) -> PretrainConfig:
+    """`cfg` with `model.encoder_kwargs.vocab_size` taken from the tokenizer of a text stream (`data.tokenizer`,
+    else the one saved with `data.shards`) when left out; a vocab_size set smaller than the tokenizer's is an
+    error (token ids past the embedding). The run saves the resolved value in RUN_DIR/config.yaml."""
+    from sslscale.data.pipelines import get_pipeline
+    from sslscale.data.stream import stream_vocab_size
+
+    params = inspect.signature(encoder_factory(cfg.model.encoder)).parameters
+    if "vocab_size" not in params or not get_pipeline(cfg.data.pipeline).uses_text:
+        return cfg
+    try:
+        vocab = stream_vocab_size(stream_spec(cfg.data, cfg.seed))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.encoder_kwargs.vocab_size comes from the tokenizer of data.shards="
+                          f"{cfg.data.shards!r} (or data.tokenizer), which cannot be read: {err}") from err
+    given = cfg.model.encoder_kwargs.get("vocab_size")
+    if given is not None:
+        if given < vocab:
+            raise ConfigError(f"model.encoder_kwargs.vocab_size={given} is smaller than the {vocab} tokens of the "
+                              "stream's tokenizer; leave it out to take the tokenizer's size")
+        return cfg
+    kwargs = {**cfg.model.encoder_kwargs, "vocab_size": vocab}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, encoder_kwargs=kwargs))
 
 
 def build_objective(model: Any, objective: Any) -> torch.nn.Module:

@@ -14,6 +14,9 @@ shards also gets its tokenizer copied to FILE_STEM.tokenizer.json beside the wei
 
 The checkpoint is the newest complete one that verifies (`checkpoint.resolve_resume`); its files are read with
 the weights-only unpickler (`train/safe_load.py`), and weights holding NaN/inf are refused with their names.
+
+`--hf DIR` also writes a GPT or BERT encoder in the Hugging Face layout (`sslscale.models.hf`: GPT2LMHeadModel /
+BertForPreTraining), with the tokenizer saved with the run's shards.
 """
 
 from __future__ import annotations
@@ -36,12 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output .safetensors file (a .json sidecar is written too)")
     parser.add_argument("--checkpoint", default="auto",
                         help="'auto' (newest complete checkpoint) or a checkpoint directory")
+    parser.add_argument("--hf", default=None, metavar="DIR",
+                        help="also write the Hugging Face layout of a GPT or BERT encoder to DIR (config.json, "
+                        "model.safetensors and the tokenizer saved with the run's shards)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         meta = export(args.run_dir, args.out, args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
+        if args.hf is not None:
+            export_hf(args.out, args.hf, args.run_dir)
+    except (FileNotFoundError, ValueError, TypeError) as err:
         print(f"sslscale export: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # where the output goes: read-only, full, a file in the way
@@ -134,3 +142,28 @@ def export(run_dir: str | Path, out: str | Path, which: str = "auto") -> dict:
     tmp.replace(out)
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def run_tokenizer(run_dir: str | Path) -> str | None:
+    """The tokenizer file a text run trained with (`data.tokenizer`, else the one saved with `data.shards`); None
+    for a run without text data."""
+    from sslscale.data.pipelines import get_pipeline
+    from sslscale.data.shardlist import resolve_shards
+    from sslscale.data.stream import tokenizer_path
+
+    data = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("data") or {}
+    pipeline = data.get("pipeline", "labeled")
+    if not get_pipeline(pipeline).uses_text:
+        return None
+    _, manifest, base = resolve_shards(data.get("shards", ""))
+    return tokenizer_path(data.get("tokenizer"), manifest, base, pipeline)
+
+
+def export_hf(exported: str | Path, out_dir: str | Path, run_dir: str | Path | None = None) -> Path:
+    """The Hugging Face layout (`sslscale.models.hf.save_hf`) of an exported GPT or BERT, with the run's
+    tokenizer when `run_dir` names one."""
+    from sslscale.models import load_encoder
+    from sslscale.models.hf import save_hf
+
+    tokenizer = run_tokenizer(run_dir) if run_dir is not None else None
+    return save_hf(load_encoder(str(exported)), out_dir, tokenizer)

@@ -187,8 +187,10 @@ class Session:
 def set_up(cfg: PretrainConfig, resume: str | None, stop: StopRequest) -> Session:
     """Process group, run directory, model, data, engine, restored state: a Session ready for `train_loop`."""
     from sslscale.distributed.env import init_process_group
+    from sslscale.train.build import resolve_data_kwargs
     from sslscale.train.engine import initialize, prepare_runtime, set_activation_checkpointing
 
+    cfg = resolve_data_kwargs(cfg)  # e.g. vocab_size from the shards' tokenizer, before the config is saved
     device_type = prepare_runtime()
     info = init_process_group(device_type)
     rank, world = dist.get_rank(), dist.get_world_size()
