@@ -20,6 +20,10 @@ OBJECTIVES: dict[str, str] = {
     "simclr": "sslscale.objectives.simclr:SimCLR",
     "byol": "sslscale.objectives.byol:BYOL",
     "moco_v2": "sslscale.objectives.moco_v2:MoCoV2",
+    "autoencoder": "sslscale.objectives.autoencoder:Autoencoder",
+    "supervised": "sslscale.objectives.supervised:Supervised",
+    "rotation": "sslscale.objectives.rotation:Rotation",
+    "jigsaw": "sslscale.objectives.jigsaw:Jigsaw",
 }
 
 
