@@ -25,8 +25,7 @@ class ConvDecoder(nn.Module):
 
     def __init__(self, in_dim: int, image_size: int, channels: int, width: int = 64, max_width: int = 256) -> None:
         super().__init__()
-        for name, value in (("in_dim", in_dim), ("image_size", image_size), ("channels", channels),
-                            ("width", width)):
+        for name, value in (("in_dim", in_dim), ("image_size", image_size), ("channels", channels), ("width", width)):
             _checks.positive(name, value)
         if image_size < 4:
             raise ValueError(f"image_size must be >= 4 for the conv decoder, got {image_size}")
@@ -37,8 +36,11 @@ class ConvDecoder(nn.Module):
         self.project = nn.Sequential(nn.Linear(in_dim, chans[0] * self.start**2), nn.ReLU(inplace=True))
         layers: list[nn.Module] = []
         for i in range(self.ups - 1):
-            layers += [nn.ConvTranspose2d(chans[i], chans[i + 1], 4, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(chans[i + 1]), nn.ReLU(inplace=True)]
+            layers += [
+                nn.ConvTranspose2d(chans[i], chans[i + 1], 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(chans[i + 1]),
+                nn.ReLU(inplace=True),
+            ]
         layers.append(nn.ConvTranspose2d(chans[-1], channels, 4, stride=2, padding=1))
         self.net = nn.Sequential(*layers)
         self.chans0 = chans[0]
@@ -47,17 +49,31 @@ class ConvDecoder(nn.Module):
         x = self.project(z).view(z.shape[0], self.chans0, self.start, self.start)
         x = self.net(x)
         off = (x.shape[-1] - self.image_size) // 2
-        return x[:, :, off:off + self.image_size, off:off + self.image_size]
+        return x[:, :, off : off + self.image_size, off : off + self.image_size]
 
 
 class MAEDecoder(nn.Module):
     """(B, prefix + K, enc_dim) visible tokens + restore (B, N) -> (B, N, patch_dim) predictions in grid order."""
 
-    def __init__(self, enc_dim: int, num_patches: int, patch_dim: int, dim: int = 128, depth: int = 2,
-                 heads: int = 4, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self,
+        enc_dim: int,
+        num_patches: int,
+        patch_dim: int,
+        dim: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+    ) -> None:
         super().__init__()
-        for name, value in (("enc_dim", enc_dim), ("num_patches", num_patches), ("patch_dim", patch_dim),
-                            ("dim", dim), ("depth", depth), ("heads", heads)):
+        for name, value in (
+            ("enc_dim", enc_dim),
+            ("num_patches", num_patches),
+            ("patch_dim", patch_dim),
+            ("dim", dim),
+            ("depth", depth),
+            ("heads", heads),
+        ):
             _checks.positive(name, value)
         _checks.divisible("decoder_dim", dim, "decoder_heads", heads)
         self.num_patches = num_patches
@@ -65,8 +81,18 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, dim))
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, heads, mlp_hidden=round(dim * mlp_ratio), norm="layernorm", norm_eps=1e-6,
-                             activation="gelu", causal=False, norm_first=True) for _ in range(depth))
+            TransformerBlock(
+                dim,
+                heads,
+                mlp_hidden=round(dim * mlp_ratio),
+                norm="layernorm",
+                norm_eps=1e-6,
+                activation="gelu",
+                causal=False,
+                norm_first=True,
+            )
+            for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, patch_dim)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -88,8 +114,7 @@ class MAEDecoder(nn.Module):
             fill = self.mask_token.to(x.dtype).expand(b, self.num_patches - k, d)
             patches = torch.cat([patches, fill], dim=1).gather(1, restore[:, :, None].expand(-1, -1, d))
         elif k != self.num_patches:
-            raise ValueError(f"without restore indices the decoder needs all {self.num_patches} patch tokens, "
-                             f"got {k}")
+            raise ValueError(f"without restore indices the decoder needs all {self.num_patches} patch tokens, got {k}")
         x = torch.cat([head, patches + self.pos_embed.to(x.dtype)], dim=1)
         for block in self.blocks:
             x = block(x)

@@ -57,11 +57,22 @@ def patch_mask_to_pixels(hidden: torch.Tensor, patch_size: int, height: int, wid
 class Autoencoder(Objective):
     batch_keys = ("image",)
 
-    def __init__(self, encoder: nn.Module, variant: Literal["plain", "denoising", "masked"] = "denoising",
-                 noise_std: float = 0.5, mask_ratio: float = 0.75, patch_size: int = 4, image_size: int = 28,
-                 in_channels: int | None = None, norm_pix_loss: bool = False,
-                 decoder: Literal["auto", "conv", "transformer"] = "auto", decoder_width: int = 64,
-                 decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 4) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        variant: Literal["plain", "denoising", "masked"] = "denoising",
+        noise_std: float = 0.5,
+        mask_ratio: float = 0.75,
+        patch_size: int = 4,
+        image_size: int = 28,
+        in_channels: int | None = None,
+        norm_pix_loss: bool = False,
+        decoder: Literal["auto", "conv", "transformer"] = "auto",
+        decoder_width: int = 64,
+        decoder_dim: int = 128,
+        decoder_depth: int = 2,
+        decoder_heads: int = 4,
+    ) -> None:
         super().__init__(encoder)
         _checks.one_of("variant", variant, ("plain", "denoising", "masked"))
         _checks.one_of("decoder", decoder, ("auto", "conv", "transformer"))
@@ -77,14 +88,18 @@ class Autoencoder(Objective):
         is_vit = isinstance(encoder, ViT)
         kind = ("transformer" if is_vit else "conv") if decoder == "auto" else decoder
         if kind == "transformer" and not is_vit:
-            raise ValueError(f"decoder='transformer' needs a ViT encoder (it decodes patch tokens), got "
-                             f"{type(encoder).__name__}; use decoder: conv")
-        if is_vit:
-            if encoder.patch_size != patch_size or encoder.embed.grid != (image_size // patch_size,) * 2:
-                raise ValueError(f"patch_size={patch_size} / image_size={image_size} must match the ViT's "
-                                 f"patch_size={encoder.patch_size} and grid {encoder.embed.grid}")
-        channels = in_channels if in_channels is not None else (getattr(encoder, "config", {}) or {}).get(
-            "in_channels", 1)
+            raise ValueError(
+                f"decoder='transformer' needs a ViT encoder (it decodes patch tokens), got "
+                f"{type(encoder).__name__}; use decoder: conv"
+            )
+        if is_vit and (encoder.patch_size != patch_size or encoder.embed.grid != (image_size // patch_size,) * 2):
+            raise ValueError(
+                f"patch_size={patch_size} / image_size={image_size} must match the ViT's "
+                f"patch_size={encoder.patch_size} and grid {encoder.embed.grid}"
+            )
+        channels = (
+            in_channels if in_channels is not None else (getattr(encoder, "config", {}) or {}).get("in_channels", 1)
+        )
         self.variant, self.kind = variant, kind
         self.noise_std, self.mask_ratio = float(noise_std), float(mask_ratio)
         self.patch_size, self.image_size, self.channels = int(patch_size), int(image_size), int(channels)
@@ -92,8 +107,9 @@ class Autoencoder(Objective):
         self.num_patches = (image_size // patch_size) ** 2
         patch_dim = patch_size * patch_size * self.channels
         if kind == "transformer":
-            self.decoder: nn.Module = MAEDecoder(encoder.out_dim, self.num_patches, patch_dim, decoder_dim,
-                                                 decoder_depth, decoder_heads)
+            self.decoder: nn.Module = MAEDecoder(
+                encoder.out_dim, self.num_patches, patch_dim, decoder_dim, decoder_depth, decoder_heads
+            )
         else:
             self.decoder = ConvDecoder(encoder.out_dim, image_size, self.channels, decoder_width)
 
@@ -111,8 +127,10 @@ class Autoencoder(Objective):
         """(predicted patches (B, N, p*p*C), hidden mask (B, N) or None when every patch counts)."""
         b, _, h, w = x.shape
         if (h, w) != (self.image_size, self.image_size) or x.shape[1] != self.channels:
-            raise ValueError(f"{type(self).__name__} was built for ({self.channels}, {self.image_size}, "
-                             f"{self.image_size}) images, got {tuple(x.shape[1:])}; set image_size / in_channels")
+            raise ValueError(
+                f"{type(self).__name__} was built for ({self.channels}, {self.image_size}, "
+                f"{self.image_size}) images, got {tuple(x.shape[1:])}; set image_size / in_channels"
+            )
         hidden = None
         if self.variant == "masked":
             visible, hidden, restore = self.draw_hidden(b, x.device)

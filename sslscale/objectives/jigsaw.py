@@ -75,21 +75,27 @@ def cut_tiles(images: torch.Tensor, grid: int, gap: int) -> torch.Tensor:
     cell = min(h, w) // grid
     t = cell - gap
     if t < 1:
-        raise ValueError(f"{h}x{w} images in a {grid}x{grid} grid give {cell} px cells; tile_gap={gap} leaves "
-                         "no tile")
+        raise ValueError(f"{h}x{w} images in a {grid}x{grid} grid give {cell} px cells; tile_gap={gap} leaves no tile")
     top, left = (h - grid * cell) // 2, (w - grid * cell) // 2
-    x = images[:, :, top:top + grid * cell, left:left + grid * cell]
+    x = images[:, :, top : top + grid * cell, left : left + grid * cell]
     x = x.reshape(b, c, grid, cell, grid, cell).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, c, cell, cell)
     o = gap // 2
-    return x[..., o:o + t, o:o + t]
+    return x[..., o : o + t, o : o + t]
 
 
 class Jigsaw(Objective):
     batch_keys = ("image", "jigsaw_draw")
     permutations: torch.Tensor  # (P, grid*grid) buffer
 
-    def __init__(self, encoder: nn.Module, grid: int = 3, num_permutations: int = 30, permutation_seed: int = 0,
-                 tile_gap: int = 2, hidden_dim: int = 512) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        grid: int = 3,
+        num_permutations: int = 30,
+        permutation_seed: int = 0,
+        tile_gap: int = 2,
+        hidden_dim: int = 512,
+    ) -> None:
         super().__init__(encoder)
         _checks.positive("grid", grid)
         if grid < 2:
@@ -100,8 +106,9 @@ class Jigsaw(Objective):
         self.register_buffer("permutations", perms, persistent=False)  # rebuilt from the kwargs
         self.grid, self.tile_gap = int(grid), int(tile_gap)
         tiles = grid * grid
-        self.classifier = build_head("mlp", tiles * encoder.out_dim, hidden_dim=hidden_dim,
-                                     out_dim=num_permutations, num_layers=2)
+        self.classifier = build_head(
+            "mlp", tiles * encoder.out_dim, hidden_dim=hidden_dim, out_dim=num_permutations, num_layers=2
+        )
 
     def puzzle(self, images: torch.Tensor, draw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(shuffled tiles (B, T, C, t, t): position j holds tile permutations[k][j], target k (B,))."""

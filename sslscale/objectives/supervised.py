@@ -36,14 +36,18 @@ class Classification(Objective):
         """The integer targets, checked: unlabeled (-1) or out-of-range values are errors naming the value."""
         y = batch[self.target_key]
         if y.dim() != 1 or y.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{type(self).__name__}: batch[{self.target_key!r}] must be integer (B,), got "
-                             f"{y.dtype} {tuple(y.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: batch[{self.target_key!r}] must be integer (B,), got "
+                f"{y.dtype} {tuple(y.shape)}"
+            )
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= self.num_classes:
             bad = low if low < 0 else high
             hint = " (-1 = a sample without a label: use labelled shards)" if bad == -1 else ""
-            raise ValueError(f"{type(self).__name__}: {self.target_key} {bad} is outside [0, {self.num_classes})"
-                             f"{hint}; set num_classes to the number of classes")
+            raise ValueError(
+                f"{type(self).__name__}: {self.target_key} {bad} is outside [0, {self.num_classes})"
+                f"{hint}; set num_classes to the number of classes"
+            )
         return y.long()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
