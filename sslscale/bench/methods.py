@@ -110,6 +110,10 @@ def pretrain(config: Path, run_dir: Path, overrides: list[str]) -> float:
     start = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if rc == 75:
+        raise RuntimeError(
+            f"pretraining {config.name} was preempted (checkpointed): rerun the same command to resume it; see {log}"
+        )
     if rc != 0:
         raise RuntimeError(f"pretraining {config.name} failed with exit status {rc}; see {log}")
     return time.perf_counter() - start
@@ -206,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
         res = evaluate(encoder, *splits(), args.labels_per_class, args.seeds, rows=which, knn_k=args.knn_k)
         return {row: _row(res["rows"][row]) for row in which}
 
-    results, encoders = [], {}
+    results: list[dict] = []
+    encoders: dict[str, dict] = {}
     for config in configs.values():
         stem = config.stem
         out = runs / stem / "method_result.json"

@@ -19,7 +19,7 @@ Metrics: `recon_mse` (the loss: on hidden patches for `masked`, in the normalise
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -85,18 +85,20 @@ class Autoencoder(Objective):
             _checks.fraction("mask_ratio", mask_ratio)
             if mask_ratio == 0:
                 raise ValueError("mask_ratio must be > 0 for the masked variant (0 hides nothing), got 0")
-        is_vit = isinstance(encoder, ViT)
+        vit = encoder if isinstance(encoder, ViT) else None
+        is_vit = vit is not None
         kind = ("transformer" if is_vit else "conv") if decoder == "auto" else decoder
         if kind == "transformer" and not is_vit:
             raise ValueError(
                 f"decoder='transformer' needs a ViT encoder (it decodes patch tokens), got "
                 f"{type(encoder).__name__}; use decoder: conv"
             )
-        if is_vit and (encoder.patch_size != patch_size or encoder.embed.grid != (image_size // patch_size,) * 2):
+        if vit is not None and (vit.patch_size != patch_size or vit.embed.grid != (image_size // patch_size,) * 2):
             raise ValueError(
                 f"patch_size={patch_size} / image_size={image_size} must match the ViT's "
-                f"patch_size={encoder.patch_size} and grid {encoder.embed.grid}"
+                f"patch_size={vit.patch_size} and grid {vit.embed.grid}"
             )
+        out_dim = cast(int, encoder.out_dim)
         channels = (
             in_channels if in_channels is not None else (getattr(encoder, "config", {}) or {}).get("in_channels", 1)
         )
@@ -108,10 +110,10 @@ class Autoencoder(Objective):
         patch_dim = patch_size * patch_size * self.channels
         if kind == "transformer":
             self.decoder: nn.Module = MAEDecoder(
-                encoder.out_dim, self.num_patches, patch_dim, decoder_dim, decoder_depth, decoder_heads
+                out_dim, self.num_patches, patch_dim, decoder_dim, decoder_depth, decoder_heads
             )
         else:
-            self.decoder = ConvDecoder(encoder.out_dim, image_size, self.channels, decoder_width)
+            self.decoder = ConvDecoder(out_dim, image_size, self.channels, decoder_width)
 
     def draw_hidden(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(visible (B, K), hidden (B, N) bool, restore (B, N)) from the global RNG (restored on resume)."""
@@ -135,7 +137,7 @@ class Autoencoder(Objective):
         if self.variant == "masked":
             visible, hidden, restore = self.draw_hidden(b, x.device)
         if self.kind == "transformer":
-            enc = self.encoder
+            enc = cast(ViT, self.encoder)
             if hidden is not None:
                 tokens = enc.forward_features(x, visible)
                 return self.decoder(tokens, restore, enc.num_prefix_tokens), hidden

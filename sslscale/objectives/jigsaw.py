@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -106,8 +107,9 @@ class Jigsaw(Objective):
         self.register_buffer("permutations", perms, persistent=False)  # rebuilt from the kwargs
         self.grid, self.tile_gap = int(grid), int(tile_gap)
         tiles = grid * grid
+        self.feature_dim = cast(int, encoder.out_dim)
         self.classifier = build_head(
-            "mlp", tiles * encoder.out_dim, hidden_dim=hidden_dim, out_dim=num_permutations, num_layers=2
+            "mlp", tiles * self.feature_dim, hidden_dim=hidden_dim, out_dim=num_permutations, num_layers=2
         )
 
     def puzzle(self, images: torch.Tensor, draw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +126,7 @@ class Jigsaw(Objective):
         self.check_batch(batch)
         tiles, target = self.puzzle(batch["image"], batch["jigsaw_draw"])
         b, t = tiles.shape[:2]
-        feats = self.encoder(tiles.flatten(0, 1)).view(b, t * self.encoder.out_dim)
+        feats = self.encoder(tiles.flatten(0, 1)).view(b, t * self.feature_dim)
         logits = self.classifier(feats)
         loss = F.cross_entropy(logits.float(), target)
         with torch.no_grad():

@@ -10,6 +10,8 @@ Metrics: `acc` (train accuracy of this rank's micro-batch).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +32,7 @@ class Classification(Objective):
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.num_classes = int(num_classes)
         self.batch_keys = (self.input_key, self.target_key)
-        self.classifier = nn.Linear(encoder.out_dim, self.num_classes)
+        self.classifier = nn.Linear(cast(int, encoder.out_dim), self.num_classes)
 
     def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The integer targets, checked: unlabeled (-1) or out-of-range values are errors naming the value."""
