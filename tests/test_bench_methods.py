@@ -91,6 +91,12 @@ def test_training_rate_sums_the_logged_step_times(tmp_path):
         methods.training_rate(tmp_path / "empty.jsonl")
 
 
+def test_method_label_names_the_variant():
+    assert methods.method_label({"name": "autoencoder", "variant": "masked"}, "x") == "autoencoder (masked)"
+    assert methods.method_label({"name": "simclr", "temperature": 0.2}, "x") == "simclr"
+    assert methods.method_label({}, "rotation_fmnist") == "rotation_fmnist"
+
+
 def test_unknown_recipe_names_the_known_ones():
     with pytest.raises(FileNotFoundError, match=r"no recipe 'simclr_fminst'.*'simclr_fmnist'"):
         methods.recipe_path("simclr_fminst")

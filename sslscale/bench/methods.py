@@ -119,6 +119,12 @@ def pretrain(config: Path, run_dir: Path, overrides: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def method_label(objective: dict, default: str) -> str:
+    """The objective's registry name, with its `variant` when it has one ("autoencoder (masked)")."""
+    name = objective.get("name", default)
+    return f"{name} ({objective['variant']})" if objective.get("variant") else name
+
+
 def _row(res: dict) -> dict:
     """The evaluate() fields the table shows."""
     return {
@@ -232,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[methods] {stem}: evaluating", flush=True)
         result = {
             "recipe": stem,
-            "method": (meta.get("objective") or {}).get("name", stem),
+            "method": method_label(meta.get("objective") or {}, stem),
             "encoder": meta["encoder"]["name"],
             "encoder_config": meta["encoder"],
             **settings,
