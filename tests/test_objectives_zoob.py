@@ -351,3 +351,12 @@ def test_jigsaw_pipeline_draws_from_the_batch_generator_and_resumes_exactly(tmp_
         iter(build_stream(StreamSpec(shards=str(data), pipeline="jigsaw", batch_size=8, num_workers=0, seed=4)))
     )
     assert not torch.equal(other["jigsaw_draw"], first["jigsaw_draw"])
+
+
+def test_mae_position_embeddings_and_mask_token_get_no_weight_decay():
+    obj = build_objective("autoencoder", _vit("cls"), variant="masked", patch_size=7)
+    groups = {g.name: g for g in obj.param_groups()}
+    names = {id(p): n for n, p in obj.named_parameters()}
+    no_decay = {names[id(p)] for p in groups["no_decay"].params}
+    assert {"decoder.pos_embed", "decoder.mask_token", "encoder.embed.pos_embed", "encoder.embed.cls_token"} <= no_decay
+    assert "decoder.head.weight" in {names[id(p)] for p in groups["decay"].params}
