@@ -38,7 +38,7 @@ def captioned(tmp_path_factory) -> Path:
     return shards(tmp_path_factory, "fashion-mnist-captions", "test", per_shard=20, limit=40, vocab_size=300)
 
 
-BUILTIN = ("simclr", "augmented", "rotation", "labeled", "image_text", "mlm", "nsp", "clm", "text_labeled")
+BUILTIN = ("simclr", "augmented", "rotation", "jigsaw", "labeled", "image_text", "mlm", "nsp", "clm", "text_labeled")
 
 
 @pytest.mark.parametrize("name", BUILTIN)

@@ -11,20 +11,36 @@ from tests import train_doubles as td
 from tests.dist_utils import run_distributed
 
 STEPS = 24
-NARROW = "model.encoder_kwargs.widths=[16, 32, 64, 64]"
 # recipe -> (source of its shards, overrides on top of the common ones)
 RECIPES = {
-    "byol_fmnist": ("fashion-mnist", [NARROW]),
+    "byol_fmnist": ("fashion-mnist", []),
     # a queue the first steps fill with real keys, so that the loss later in the run is against real negatives
-    "moco_v2_fmnist": ("fashion-mnist", [NARROW, "objective.kwargs.queue_size=128"]),
-    "simsiam_fmnist": ("fashion-mnist", [NARROW]),
-    "moco_v3_fmnist": ("fashion-mnist", [NARROW]),
-    "triplet_fmnist": ("fashion-mnist", [NARROW]),
-    "clip_fmnist": ("fashion-mnist-captions", ["model.encoder_kwargs.image_encoder.widths=[16, 32, 64, 64]",
-                                               "model.encoder_kwargs.text_encoder.dim=64",
-                                               "model.encoder_kwargs.text_encoder.heads=1",
-                                               "model.encoder_kwargs.embed_dim=32"]),
+    "moco_v2_fmnist": ("fashion-mnist", ["objective.kwargs.queue_size=128"]),
+    "simsiam_fmnist": ("fashion-mnist", []),
+    "moco_v3_fmnist": ("fashion-mnist", []),
+    "triplet_fmnist": ("fashion-mnist", []),
+    "autoencoder_fmnist": ("fashion-mnist", []),
+    "mae_vit_fmnist": ("fashion-mnist", []),
+    "supervised_fmnist": ("fashion-mnist", []),
+    "rotation_fmnist": ("fashion-mnist", []),
+    "jigsaw_fmnist": ("fashion-mnist", ["objective.kwargs.num_permutations=8"]),  # learnable within 24 small steps
+    "clip_fmnist": ("fashion-mnist-captions", []),
 }
+# the shrunk model each recipe's architecture trains with here
+SMALL = {"convnet_small": ["model.encoder_kwargs.widths=[16, 32, 64, 64]"],
+         "vit": ["model.encoder_kwargs.dim=64", "model.encoder_kwargs.depth=2", "objective.kwargs.decoder_dim=32",
+                 "objective.kwargs.decoder_depth=1", "objective.kwargs.decoder_heads=2"],
+         "clip": ["model.encoder_kwargs.image_encoder.widths=[16, 32, 64, 64]",
+                  "model.encoder_kwargs.text_encoder.dim=64", "model.encoder_kwargs.text_encoder.heads=1", "model.encoder_kwargs.embed_dim=32"]}
+# metric whose last-5-step mean must beat its first-5-step mean (the method learns its task)
+LEARNS = {"moco_v2_fmnist": "pos_acc", "moco_v3_fmnist": "pos_acc", "supervised_fmnist": "acc",
+          "rotation_fmnist": "rotation_acc", "jigsaw_fmnist": "perm_acc"}
+
+
+def _encoder(name):
+    import yaml
+
+    return yaml.safe_load((td.REPO / f"configs/pretrain/{name}.yaml").read_text())["model"]["encoder"]
 
 
 def _train(rank, world, shards, tmp):
@@ -34,7 +50,8 @@ def _train(rank, world, shards, tmp):
     for name, (source, extra) in RECIPES.items():
         cfg = config.load(td.REPO / f"configs/pretrain/{name}.yaml", [
             f"data.shards={shards[source]}", "data.batch_size=32", "data.num_workers=0", "zero.config=null",
-            f"schedule.total_steps={STEPS}", "schedule.warmup_steps=3", "probe.every=0", f"checkpoint.every={STEPS}",
+            *SMALL[_encoder(name)], f"schedule.total_steps={STEPS}", "schedule.warmup_steps=3", "probe.every=0",
+            f"checkpoint.every={STEPS}",
             "logging.every=1", "logging.progress=false", "watchdog_s=0", f"run_dir={tmp}/{name}", *extra])
         pretrain(cfg)
     return True
@@ -63,9 +80,12 @@ def test_recipe_trains_with_its_loss_going_down(runs, name):
         assert lines[-1]["objective/z_std"] > 0.3 / 128 ** 0.5  # not collapsed (healthy ~1/sqrt(128) = 0.088)
     if name.startswith(("byol", "moco_v3")):
         assert lines[-1]["objective/momentum"] > lines[0]["objective/momentum"]  # the cosine schedule rises
-    if name.startswith("moco"):
-        acc = [r["objective/pos_acc"] for r in lines]
+    if name in LEARNS:
+        acc = [r[f"objective/{LEARNS[name]}"] for r in lines]
         assert statistics.mean(acc[-5:]) > statistics.mean(acc[start:start + 5]), acc
+    if name.startswith(("autoencoder", "mae")):
+        assert lines[-1]["objective/recon_mse"] == pytest.approx(lines[-1]["loss"])
+        assert lines[-1]["objective/hidden_frac"] == (0.75 if name.startswith("mae") else 0.0)
     if name.startswith("clip"):
         acc = [(r["objective/i2t_acc"] + r["objective/t2i_acc"]) / 2 for r in lines]
         assert statistics.mean(acc[-5:]) > statistics.mean(acc[:5]), acc
@@ -88,9 +108,29 @@ def test_export_writes_the_encoder_only_and_evaluate_reads_it(runs, name, tmp_pa
     meta = export(runs / name, out)
     weights = load_file(str(out))
     assert meta["modules"] == ["encoder"] and weights
-    assert not any(k.startswith(("target_", "projector", "predictor", "queue", "momentum")) for k in weights)
+    assert not any(k.startswith(("target_", "projector", "predictor", "queue", "momentum", "decoder", "classifier"))
+                   for k in weights)
     encoder = load_encoder(str(out))  # what `sslscale evaluate` does with the file
     assert encoder(torch.rand(2, 1, 28, 28)).shape == (2, 64)
+
+
+@pytest.mark.dist
+def test_evaluate_reads_the_exported_vit_encoder(runs, tmp_path):
+    """`sslscale evaluate` on the MAE recipe's export: the three rows come out (on a small slice of the data)."""
+    import json
+
+    from sslscale.cli import main
+    from sslscale.train.export import export
+
+    out = tmp_path / "vit.safetensors"
+    export(runs / "mae_vit_fmnist", out)
+    res = tmp_path / "eval.json"
+    rc = main(["evaluate", str(out), "--limit-train", "300", "--limit-test", "200", "--labels-per-class", "3",
+               "--seeds", "1", "--json", str(res)])
+    assert rc == 0
+    rows = json.loads(res.read_text())["rows"]
+    assert rows["pretrained"]["feature_dim"] == 64 and set(rows) == {"pretrained", "random_init", "raw_pixels"}
+    assert 0.1 < rows["pretrained"]["all_labels"]["accuracy"] <= 1.0
 
 
 @pytest.mark.dist

@@ -17,12 +17,14 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 
 from sslscale.adapt import probe
 from sslscale.adapt.datasets import SOURCES, load_shards, load_split
 from sslscale.models import encoder_from_config, image_encoder, load_encoder, read_metadata
+from sslscale.train.monitor import knn_accuracy
 
 ROWS = ("pretrained", "random_init", "raw_pixels")
 
@@ -56,8 +58,13 @@ def _features(encoder: torch.nn.Module, reestimate: bool, train_x: torch.Tensor,
 
 def evaluate(encoder: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
              test: tuple[torch.Tensor, torch.Tensor], labels_per_class: int = 10, seeds: int = 3, bn: str = "keep",
-             init_seed: int = 0) -> dict:
-    """Probe results for the three rows on the given (images, labels) splits."""
+             init_seed: int = 0, rows: Sequence[str] = ROWS, knn_k: int | None = None) -> dict:
+    """Probe results for `rows` (default all three) on the given (images, labels) splits. With `knn_k`, each row
+    also gets the weighted kNN accuracy (cosine on the unstandardised features, the online probe's rule) of the
+    test images against the whole training split (`knn`)."""
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown evaluation rows {unknown}; expected some of {list(ROWS)}")
     (train_x, train_y), (test_x, test_y) = train, test
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     torch.manual_seed(init_seed)
@@ -66,13 +73,14 @@ def evaluate(encoder: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
     subsets = [probe.sample_per_class(train_y, labels_per_class, seed) for seed in range(seeds)]
 
     results: dict[str, dict] = {}
-    for row in ROWS:
+    for row in rows:
         start = time.perf_counter()
         if row == "raw_pixels":
             ftrain, ftest = train_x.flatten(1), test_x.flatten(1)
         else:
             enc = encoder if row == "pretrained" else random_encoder
             ftrain, ftest = _features(enc, reestimate[row], train_x, test_x)
+        knn = None if knn_k is None else knn_accuracy(ftrain, train_y, ftest, test_y, k=knn_k)
         mean, scale = probe.standardizer(ftrain)
         ftrain, ftest = (ftrain - mean) / scale, (ftest - mean) / scale
         few = [probe.linear_probe(ftrain[idx], train_y[idx], ftest, test_y, num_classes, seed=seed)
@@ -87,6 +95,8 @@ def evaluate(encoder: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
             "feature_dim": int(ftrain.shape[1]),
             "seconds": round(time.perf_counter() - start, 2),
         }
+        if knn is not None:
+            results[row]["knn"] = {"k": knn_k, "accuracy": knn}
     return {"labels_per_class": labels_per_class, "seeds": list(range(seeds)), "num_train": len(train_y),
             "num_test": len(test_y), "bn": bn, "init_seed": init_seed, "rows": results}
 

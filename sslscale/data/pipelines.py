@@ -211,6 +211,19 @@ def rotation(ctx: PipelineContext, items: list[dict], gen: torch.Generator) -> d
     return vision.rotation_batch(ctx.images(items), ctx.labels(items), gen, ctx.image_size)
 
 
+@register_pipeline("jigsaw", needs=("image",), optional=("label",), image_keys=("image",),
+                   keys={"image": "one augmented view (SimCLR augmentation), float32 (B, C, S, S)",
+                         "jigsaw_draw": "uniform draw in [0, 2^62) per image, int64 (B,): the jigsaw objective "
+                                        "shuffles the image's tiles by permutation (draw mod P)",
+                         "label": _LABEL})
+def jigsaw(ctx: PipelineContext, items: list[dict], gen: torch.Generator) -> dict:
+    # The draw comes from the batch's generator (exact resume); the tiling and the permutation set live with the
+    # objective (sslscale/objectives/jigsaw.py), so the set and its classifier are defined in one place.
+    image = vision.simclr_view(ctx.images(items), ctx.out_size(), ctx.spec.augment, gen)
+    return {"image": image, "jigsaw_draw": torch.randint(2**62, (len(items),), generator=gen),
+            "label": ctx.labels(items)}
+
+
 @register_pipeline("labeled", needs=("image", "label"), image_keys=("image",),
                    keys={"image": "un-augmented image, float32 (B, C, H, W) (resized + centre-cropped to "
                                   "image_size when set)", "label": "int64 (B,)"})

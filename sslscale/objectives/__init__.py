@@ -25,6 +25,10 @@ OBJECTIVES: dict[str, str] = {
     "triplet": "sslscale.objectives.triplet:Triplet",
     "clip": "sslscale.objectives.clip:CLIPObjective",
     "bert": "sslscale.objectives.bert:BertPretraining",
+    "autoencoder": "sslscale.objectives.autoencoder:Autoencoder",
+    "supervised": "sslscale.objectives.supervised:Supervised",
+    "rotation": "sslscale.objectives.rotation:Rotation",
+    "jigsaw": "sslscale.objectives.jigsaw:Jigsaw",
 }
 
 
