@@ -20,6 +20,7 @@ OBJECTIVES: dict[str, str] = {
     "simclr": "sslscale.objectives.simclr:SimCLR",
     "byol": "sslscale.objectives.byol:BYOL",
     "moco_v2": "sslscale.objectives.moco_v2:MoCoV2",
+    "gpt": "sslscale.objectives.gpt:GPTObjective",
 }
 
 

@@ -5,7 +5,8 @@ the constructors they will be passed to (`check_components`, called by `config.l
 Each builder is named in the config as "module:function" (`model.builder`, `data.builder`, `probe.builder`),
 defaulting to the functions below, which use `sslscale.models`, `sslscale.objectives` and `sslscale.data`. Another
 builder (a test double, a new data source) plugs in without touching the engine; a data builder's extra keyword
-arguments come from `data.builder_kwargs`, checked against its signature. Encoders and objectives are named by
+arguments come from `data.builder_kwargs`, checked against its signature. An encoder taking `vocab_size` gets it
+from the data's tokenizer when the config leaves it out (`with_data_vocab_size`). Encoders and objectives are named by
 registry name or, for code outside the registries, by "package.module:Class".
 """
 
@@ -15,6 +16,8 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -71,7 +74,7 @@ def check_components(cfg: PretrainConfig) -> PretrainConfig:
     """`cfg` with every component's kwargs checked (and coerced) against the signature that will receive them."""
     for key, spec in (("model.builder", cfg.model.builder), ("probe.builder", cfg.probe.builder)):
         load_callable(spec, key)
-    encoder_kwargs = check_kwargs(encoder_factory(cfg.model.encoder), cfg.model.encoder_kwargs,
+    encoder_kwargs = check_kwargs(encoder_factory(cfg.model.encoder), with_data_vocab_size(cfg),
                                   "model.encoder_kwargs.")
     objective_kwargs = check_kwargs(objective_factory(cfg.objective.name), cfg.objective.kwargs,
                                     "objective.kwargs.", skip=("encoder",))
@@ -86,6 +89,46 @@ def check_components(cfg: PretrainConfig) -> PretrainConfig:
         cfg, model=dataclasses.replace(cfg.model, encoder_kwargs=encoder_kwargs),
         objective=dataclasses.replace(cfg.objective, kwargs=objective_kwargs),
         data=dataclasses.replace(cfg.data, builder_kwargs=builder_kwargs), callbacks=callbacks)
+
+
+def data_tokenizer_path(data: Any) -> str | None:
+    """The tokenizer the text stream of `data` will use: `data.tokenizer`, else the `tokenizer` a local shard
+    directory's (or manifest file's) manifest.json names; None when there is none to read here."""
+    if getattr(data, "tokenizer", None):
+        return str(data.tokenizer)
+    shards = getattr(data, "shards", None)
+    if not isinstance(shards, str) or not shards or "://" in shards or shards.startswith("pipe:"):
+        return None
+    from sslscale.data.shardlist import MANIFEST
+
+    manifest = shards if shards.endswith(".json") else os.path.join(shards, MANIFEST)
+    if not os.path.isfile(manifest):
+        return None
+    with open(manifest) as f:
+        name = json.load(f).get("tokenizer")
+    return os.path.join(os.path.dirname(manifest), name) if name else None
+
+
+def with_data_vocab_size(cfg: PretrainConfig) -> dict:
+    """`model.encoder_kwargs`, with `vocab_size` taken from the data's tokenizer when the encoder takes one and
+    the config leaves it out (the vocabulary is the tokenizer's, never typed by hand). A given vocab_size smaller
+    than the tokenizer's is an error (a larger one is allowed: rows padded for speed, never produced)."""
+    kwargs = dict(cfg.model.encoder_kwargs)
+    if "vocab_size" not in inspect.signature(encoder_factory(cfg.model.encoder)).parameters:
+        return kwargs
+    path = data_tokenizer_path(cfg.data)
+    if path is None or not os.path.isfile(path):
+        return kwargs  # a missing required vocab_size is reported by check_kwargs
+    from sslscale.data.text import load_tokenizer
+
+    size = load_tokenizer(path).get_vocab_size()
+    given = kwargs.get("vocab_size")
+    if given is None:
+        kwargs["vocab_size"] = size
+    elif isinstance(given, int) and given < size:
+        raise ConfigError(f"model.encoder_kwargs.vocab_size={given} is smaller than the {size} tokens of the "
+                          f"data's tokenizer {path}; leave vocab_size out to take the tokenizer's")
+    return kwargs
 
 
 def build_objective(model: Any, objective: Any) -> torch.nn.Module:
