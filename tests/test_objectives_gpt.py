@@ -246,8 +246,15 @@ def test_export_of_each_stage_reloads_to_the_same_gpt(engine_runs, tmp_path):
         assert meta["encoder"]["name"] == "gpt" and meta["step"] == STEPS
         model = load_encoder(str(out))
         assert model.lm_head.weight is model.wte.weight  # still tied after loading
-        logits[stage] = model(ids)
+        logits[stage] = model(ids).detach()
     torch.testing.assert_close(logits[3], logits[0], rtol=1e-4, atol=1e-5)
+    transformers = pytest.importorskip("transformers")
+    from sslscale.train.export import export_hf
+
+    hf_dir = export_hf(tmp_path / "gpt3.safetensors", tmp_path / "hf", None)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, logits[3], rtol=1e-4, atol=2e-5)
     fresh = _gpt().encoder.eval()
     assert not torch.allclose(fresh(ids), logits[0], atol=1e-3)  # the trained weights, not a fresh model
 

@@ -31,16 +31,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output .safetensors file (a .json sidecar is written too)")
     parser.add_argument("--checkpoint", default="auto",
                         help="'auto' (newest complete checkpoint) or a checkpoint directory")
+    parser.add_argument("--hf", default=None, metavar="DIR",
+                        help="also write DIR in the Hugging Face layout (GPT-2 / BERT architectures; config.json, "
+                             "model.safetensors and the run's tokenizer)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         meta = export(args.run_dir, args.out, args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
+        if args.hf:
+            meta["hf"] = str(export_hf(args.out, args.hf, run_tokenizer(args.run_dir)))
+    except (FileNotFoundError, ValueError, TypeError) as err:
         print(f"sslscale export: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({"exported": str(args.out), "step": meta["step"], "tensors": meta["tensors"]}))
+    print(json.dumps({"exported": str(args.out), "step": meta["step"], "tensors": meta["tensors"],
+                      **({"hf": meta["hf"]} if "hf" in meta else {})}))
     return 0
+
+
+def run_tokenizer(run_dir: str | Path) -> str | None:
+    """The tokenizer.json the run's text stream read (data.tokenizer, else the one beside its shards' manifest)."""
+    from types import SimpleNamespace
+
+    from sslscale.train.build import data_tokenizer_path
+
+    raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    data = raw.get("data") or {}
+    return data_tokenizer_path(SimpleNamespace(tokenizer=data.get("tokenizer"), shards=data.get("shards")))
+
+
+def export_hf(exported: str | Path, out_dir: str | Path, tokenizer: str | None) -> Path:
+    """The exported model file rewritten in the Hugging Face layout (`sslscale.models.hf.save_hf`): GPT-2 or BERT
+    architectures only (others are refused with the reasons)."""
+    from sslscale.models import load_encoder
+    from sslscale.models.hf import save_hf
+
+    if tokenizer is not None and not Path(tokenizer).is_file():
+        tokenizer = None
+    return save_hf(load_encoder(str(exported)), out_dir, tokenizer)
 
 
 def consolidated_state_dict(ckpt: Path, stage: int) -> dict[str, torch.Tensor]:
