@@ -281,3 +281,61 @@ def test_vocab_size_comes_from_the_tokenizer_saved_with_the_shards(tmp_path):
     base["model"]["encoder_kwargs"]["vocab_size"] = 100
     with pytest.raises(ConfigError, match=rf"vocab_size=100 is smaller than the {tok.get_vocab_size()} tokens"):
         from_dict(base)
+
+
+# ------------------------------------------------------------------------------------ the Shakespeare recipe
+RECIPE_STEPS = 24
+
+
+def _recipe(rank: int, world: int, train: str, test: str, run_dir: str) -> bool:
+    import yaml
+
+    from sslscale.train.config import apply_override, from_dict
+    from sslscale.train.pretrain import pretrain
+
+    raw = yaml.safe_load((td.REPO / "configs/pretrain/gpt_shakespeare.yaml").read_text())
+    raw["callbacks"][0]["kwargs"].update(shards=test, every=12, max_passages=8, stride=None)
+    for override in [
+        f"data.shards={train}",
+        "data.batch_size=4",
+        "data.seq_len=64",
+        "zero.config=null",
+        "model.encoder_kwargs.max_seq_len=64",
+        "model.encoder_kwargs.dim=64",
+        "model.encoder_kwargs.depth=2",
+        "model.encoder_kwargs.heads=2",
+        f"schedule.total_steps={RECIPE_STEPS}",
+        "schedule.warmup_steps=3",
+        f"checkpoint.every={RECIPE_STEPS}",
+        "logging.every=1",
+        "logging.progress=false",
+        "watchdog_s=0",
+        f"run_dir={run_dir}",
+    ]:
+        apply_override(raw, override)
+    pretrain(from_dict(raw))
+    return True
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_shakespeare_recipe_trains_and_reports_held_out_bits_per_char(tmp_path_factory):
+    from tests import data_helpers
+
+    train = data_helpers.shards(tmp_path_factory, "shakespeare", "train", per_shard=100, limit=200, vocab_size=300)
+    test = data_helpers.shards(
+        tmp_path_factory, "shakespeare", "test", per_shard=50, limit=50, tokenizer=str(train / "tokenizer.json")
+    )
+    run_dir = tmp_path_factory.mktemp("recipe") / "gpt"
+    run_distributed(_recipe, 1, str(train), str(test), str(run_dir))
+    lines = td.metrics(run_dir)
+    assert [r["step"] for r in lines] == list(range(1, RECIPE_STEPS + 1))
+    losses = [r["loss"] for r in lines]
+    assert sum(losses[-5:]) < sum(losses[:5]), losses
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [12, 24]
+    assert evals[1]["val_bits_per_char"] < evals[0]["val_bits_per_char"] < 8.5  # well under a uniform 300 tokens
+    config = (run_dir / "config.yaml").read_text()
+    from sslscale.data.text import load_tokenizer
+
+    assert f"vocab_size: {load_tokenizer(train / 'tokenizer.json').get_vocab_size()}" in config
