@@ -35,8 +35,9 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
-def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None) -> torch.Tensor:
+def sampling_probs(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
     """(..., V) logits -> the (..., V) distribution the next token is drawn from (one-hot at the argmax for T=0)."""
     _check_sampling(temperature, top_k, top_p)
     logits = logits.float()
@@ -50,15 +51,20 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | 
     if top_p is not None and top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
-        keep_sorted = before < top_p                          # first token: before = 0, always kept
+        keep_sorted = before < top_p  # first token: before = 0, always kept
         keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
         probs = probs * keep
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """(B, V) logits -> (B, 1) next token ids drawn from `sampling_probs` (argmax when temperature is 0)."""
     if temperature == 0:
         _check_sampling(temperature, top_k, top_p)
@@ -68,9 +74,18 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 @torch.no_grad()
-def generate_ids(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True, stop_token: int | None = EOS_ID) -> torch.Tensor:
+def generate_ids(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    stop_token: int | None = EOS_ID,
+) -> torch.Tensor:
     """(B, T) prompt ids -> (B, T + n) with n <= max_new_tokens new tokens; a row that drew `stop_token` keeps
     repeating it (the batch stops when every row has)."""
     if prompt.dim() != 2 or prompt.shape[1] < 1:
@@ -80,8 +95,10 @@ def generate_ids(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, *,
     _check_sampling(temperature, top_k, top_p)
     limit = int(getattr(model, "max_seq_len", prompt.shape[1] + max_new_tokens))
     if prompt.shape[1] + max_new_tokens > limit:
-        raise ValueError(f"prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's max_seq_len={limit}: shorten one of them")
+        raise ValueError(
+            f"prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's max_seq_len={limit}: shorten one of them"
+        )
     was_training = model.training
     model.eval()
     try:
@@ -103,15 +120,25 @@ def generate_ids(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, *,
     return out
 
 
-def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 200, *,
-                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  seed: int | None = 0, stop: list[str] | tuple[str, ...] = ()) -> str:
+def generate_text(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int = 200,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = 0,
+    stop: list[str] | tuple[str, ...] = (),
+) -> str:
     """The continuation of `prompt` (without the prompt), cut before the first stop string it contains."""
     ids = torch.tensor([[EOS_ID, *tokenizer.encode(prompt).ids]], device=next(model.parameters()).device)
     generator = None if seed is None else torch.Generator(device=ids.device).manual_seed(seed)
-    out = generate_ids(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       generator=generator)
-    new = [t for t in out[0, ids.shape[1]:].tolist() if t != EOS_ID]
+    out = generate_ids(
+        model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+    )
+    new = [t for t in out[0, ids.shape[1] :].tolist() if t != EOS_ID]
     text = tokenizer.decode(new)
     cuts = [text.find(s) for s in stop if s and s in text]
     return text[: min(cuts)] if cuts else text
@@ -143,8 +170,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--stop", action="append", default=[], metavar="STR",
-                        help="stop when the continuation contains STR (repeatable; cut before it)")
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="stop when the continuation contains STR (repeatable; cut before it)",
+    )
     parser.add_argument("--num-samples", type=int, default=1, help="samples (seeds seed, seed + 1, ...)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the exported run's)")
 
@@ -159,8 +191,17 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.model} holds a {type(model).__name__}, not a causal LM with a KV cache")
         tokenizer = load_tokenizer(find_tokenizer(args.model, args.tokenizer))
         for i in range(args.num_samples):
-            text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed + i, stop=args.stop)
+            text = generate_text(
+                model,
+                tokenizer,
+                args.prompt,
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                seed=args.seed + i,
+                stop=args.stop,
+            )
             print(json.dumps({"prompt": args.prompt, "seed": args.seed + i, "text": text}))
     except (FileNotFoundError, ValueError) as err:
         print(f"sslscale generate: {err}", file=sys.stderr)

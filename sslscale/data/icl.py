@@ -77,8 +77,10 @@ def format_example(x: str, y: str) -> str:
 
 def sequences(split: str, n: int | None = None) -> list[str]:
     """The `split`'s pretraining / held-out texts: `n` (default SEQUENCES[split]) sequences of solved examples."""
-    rng = np.random.default_rng(_SEED[split] if split in _SEED else None)
-    n = SEQUENCES.get(split, 0) if n is None else n
+    if split not in SEQUENCES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = np.random.default_rng(_SEED[split])
+    n = SEQUENCES[split] if n is None else n
     out = []
     for _ in range(n):
         rule = draw_rule(rng, split)
@@ -86,8 +88,9 @@ def sequences(split: str, n: int | None = None) -> list[str]:
     return out
 
 
-def episodes(split: str, n: int, max_shots: int, seed: int = 0) -> list[tuple[Rule, list[tuple[str, str]],
-                                                                           tuple[str, str]]]:
+def episodes(
+    split: str, n: int, max_shots: int, seed: int = 0
+) -> list[tuple[Rule, list[tuple[str, str]], tuple[str, str]]]:
     """`n` evaluation episodes (rule, `max_shots` solved examples, query (x, y)): evaluating at k shots uses the
     first k examples, so every shot count answers the same queries."""
     rng = np.random.default_rng([_SEED[split], seed, 7])
