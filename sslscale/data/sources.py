@@ -13,6 +13,8 @@ Splits (all deterministic, documented here because they are part of the data con
   first byte of sha1(normalised text) % 5 == 0 (about 20%), so the split never depends on file order.
 - wordnet-nouns: the gloss of each noun synset in data.noun, label = lexicographer file (26 noun classes);
   test when synset offset % 10 == 0.
+- icl-rules: generated few-shot sequences (`sslscale.data.icl`: 40,000 train / 2,000 test, split by hidden rule,
+  so no test rule occurs in train); label 0 for all.
 - fashion-mnist-captions: fashion-mnist's images and labels with a caption each (`sslscale.data.captions`: class
   nouns, attribute words and the image's tone through templates, deterministic per split and index).
 - imagefolder:PATH / textfiles:PATH: PATH/<split>/<class>/file when PATH/<split> exists, else PATH/<class>/file
@@ -50,7 +52,7 @@ WORDNET_NOUN_CLASSES = [
 ]
 SPLITS = ("train", "test")
 SOURCES = ("fashion-mnist", "fashion-mnist-captions", "mnist5k", "shakespeare", "bbc-news", "wordnet-nouns",
-           "imagefolder:PATH", "textfiles:PATH")
+           "icl-rules", "imagefolder:PATH", "textfiles:PATH")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".npy")
 
 
@@ -348,7 +350,18 @@ _LOADERS = {
     "shakespeare": _shakespeare,
     "bbc-news": _bbc_news,
     "wordnet-nouns": _wordnet_nouns,
+    "icl-rules": None,  # set below (defined after this table)
 }
+
+
+def _icl_rules(split: str) -> SourceData:
+    from sslscale.data.icl import sequences
+
+    texts = sequences(split)
+    return SourceData("icl-rules", split, np.zeros(len(texts), dtype=np.int64), ["sequence"], texts=texts)
+
+
+_LOADERS["icl-rules"] = _icl_rules
 
 
 def load_source(name: str, split: str) -> SourceData:

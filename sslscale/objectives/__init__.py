@@ -29,6 +29,7 @@ OBJECTIVES: dict[str, str] = {
     "supervised": "sslscale.objectives.supervised:Supervised",
     "rotation": "sslscale.objectives.rotation:Rotation",
     "jigsaw": "sslscale.objectives.jigsaw:Jigsaw",
+    "gpt": "sslscale.objectives.gpt:GPTObjective",
 }
 
 

@@ -5,8 +5,9 @@ the constructors they will be passed to (`check_components`, called by `config.l
 Each builder is named in the config as "module:function" (`model.builder`, `data.builder`, `probe.builder`),
 defaulting to the functions below, which use `sslscale.models`, `sslscale.objectives` and `sslscale.data`. Another
 builder (a test double, a new data source) plugs in without touching the engine; a data builder's extra keyword
-arguments come from `data.builder_kwargs`, checked against its signature. Encoders and objectives are named by
-registry name or, for code outside the registries, by "package.module:Class".
+arguments come from `data.builder_kwargs`, checked against its signature. An encoder taking `vocab_size` gets it
+from the data's tokenizer when the run starts and the config leaves it out (`resolve_data_kwargs`). Encoders and
+objectives are named by registry name or, for code outside the registries, by "package.module:Class".
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -126,6 +129,24 @@ def resolve_data_kwargs(cfg: PretrainConfig) -> PretrainConfig:
         return cfg
     kwargs = {**cfg.model.encoder_kwargs, "vocab_size": vocab}
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, encoder_kwargs=kwargs))
+
+
+def data_tokenizer_path(data: Any) -> str | None:
+    """The tokenizer the text stream of `data` will use: `data.tokenizer`, else the `tokenizer` a local shard
+    directory's (or manifest file's) manifest.json names; None when there is none to read here."""
+    if getattr(data, "tokenizer", None):
+        return str(data.tokenizer)
+    shards = getattr(data, "shards", None)
+    if not isinstance(shards, str) or not shards or "://" in shards or shards.startswith("pipe:"):
+        return None
+    from sslscale.data.shardlist import MANIFEST
+
+    manifest = shards if shards.endswith(".json") else os.path.join(shards, MANIFEST)
+    if not os.path.isfile(manifest):
+        return None
+    with open(manifest) as f:
+        name = json.load(f).get("tokenizer")
+    return os.path.join(os.path.dirname(manifest), name) if name else None
 
 
 def build_objective(model: Any, objective: Any) -> torch.nn.Module:

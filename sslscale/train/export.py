@@ -48,14 +48,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         meta = export(args.run_dir, args.out, args.checkpoint)
         if args.hf is not None:
-            export_hf(args.out, args.hf, args.run_dir)
+            meta["hf"] = str(export_hf(args.out, args.hf, args.run_dir))
     except (FileNotFoundError, ValueError, TypeError) as err:
         print(f"sslscale export: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # where the output goes: read-only, full, a file in the way
         print(f"sslscale export: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
         return 2
-    print(json.dumps({"exported": str(args.out), "step": meta["step"], "tensors": meta["tensors"]}))
+    print(json.dumps({"exported": str(args.out), "step": meta["step"], "tensors": meta["tensors"],
+                      **({"hf": meta["hf"]} if "hf" in meta else {})}))
     return 0
 
 
