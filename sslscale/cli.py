@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("sslscale.train.pretrain", "self-supervised pretraining on DeepSpeed ZeRO (YAML config)"),
     "export": ("sslscale.train.export", "encoder weights of a run as safetensors (+ JSON sidecar)"),
     "evaluate": ("sslscale.adapt.evaluate", "linear-probe an exported encoder vs random init and raw pixels"),
+    "adapt": ("sslscale.adapt.runner", "probe / finetune / LoRA / adapters / kNN sweeps over label counts (YAML)"),
 }
 
 # OSErrors that are the user's environment, not a bug: reported as one line instead of a traceback.
