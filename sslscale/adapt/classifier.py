@@ -84,7 +84,7 @@ def read_trainable_metadata(path: str | Path) -> dict[str, Any]:
 
 def load_trainable(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a `save_trainable` file into `model` (rebuilt with the same structure); every saved tensor must match
-    a parameter of the same shape."""
+    a parameter of the same shape. Returns the model in eval mode."""
     from safetensors.torch import load_file
 
     saved = load_file(str(path))
@@ -100,7 +100,7 @@ def load_trainable(model: nn.Module, path: str | Path) -> nn.Module:
     with torch.no_grad():
         for k, v in saved.items():
             params[k].copy_(v)
-    return model
+    return model.eval()
 
 
 @torch.no_grad()
