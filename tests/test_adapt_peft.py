@@ -60,13 +60,14 @@ def test_lora_layers_match_their_definition():
     ref = x @ lin.base.weight.T + lin.base.bias + 2.0 * (x @ lin.lora_A.weight.T) @ lin.lora_B.weight.T
     out = lin(x)
     torch.testing.assert_close(out, ref)
-    g_out, = torch.autograd.grad(out.sum(), lin.lora_A.weight)
-    g_ref, = torch.autograd.grad(ref.sum(), lin.lora_A.weight)
+    (g_out,) = torch.autograd.grad(out.sum(), lin.lora_A.weight)
+    (g_ref,) = torch.autograd.grad(ref.sum(), lin.lora_A.weight)
     torch.testing.assert_close(g_out, g_ref)
     xc = torch.randn(2, 4, 9, 9)
     a = F.conv2d(xc, conv.lora_A.weight, stride=2, padding=1)
-    refc = F.conv2d(xc, conv.base.weight, conv.base.bias, stride=2, padding=1) + \
-        torch.einsum("or,brhw->bohw", conv.lora_B.weight[:, :, 0, 0], a)
+    refc = F.conv2d(xc, conv.base.weight, conv.base.bias, stride=2, padding=1) + torch.einsum(
+        "or,brhw->bohw", conv.lora_B.weight[:, :, 0, 0], a
+    )
     torch.testing.assert_close(conv(xc), refc, atol=1e-5, rtol=1e-5)
 
 
@@ -96,7 +97,7 @@ def _task(tmp_path):
     y = torch.arange(4).repeat_interleave(30)
     x = torch.rand(len(y), 1, 12, 12, generator=gen) * 0.3
     for c in range(4):  # class c lights quadrant c
-        x[y == c, :, (c // 2) * 6:(c // 2) * 6 + 6, (c % 2) * 6:(c % 2) * 6 + 6] += 0.7
+        x[y == c, :, (c // 2) * 6 : (c // 2) * 6 + 6, (c % 2) * 6 : (c % 2) * 6 + 6] += 0.7
     torch.manual_seed(0)
     enc = build_encoder("convnet_small", in_channels=1, widths=[4, 8], strides=[2, 2]).eval()
     return Task("pretrained", enc, x, y, x[:40], y[:40], 4, tmp_path / "weights", encoder_file="enc.safetensors")
@@ -106,8 +107,9 @@ def _task(tmp_path):
 def test_peft_trains_only_its_parameters_and_reloads(tmp_path, name):
     task = _task(tmp_path)
     method = {"lora": lora_method, "adapter": adapter_method}[name]
-    opts = method.METHOD.options(steps=15, batch_size=32, eval_every=5, lr=1e-2,
-                                 **({"targets": ["features.*"]} if name == "lora" else {}))
+    opts = method.METHOD.options(
+        steps=15, batch_size=32, eval_every=5, lr=1e-2, **({"targets": ["features.*"]} if name == "lora" else {})
+    )
     before = copy.deepcopy(task.encoder.state_dict())
     model = method.build(task, opts, seed=0)
     head_before = model.head.weight.detach().clone()

@@ -45,11 +45,13 @@ class Adapters(nn.Module):
         # a pattern matching a module and its children would adapt the same output twice: keep the outermost
         names = [n for n in names if not any(n.startswith(o + ".") for o in names)]
         if not names:
-            raise ValueError(f"adapter positions {list(after)} match no module; modules: "
-                             f"{[n for n in modules if n][:12]}")
+            raise ValueError(
+                f"adapter positions {list(after)} match no module; modules: {[n for n in modules if n][:12]}"
+            )
         shapes: dict[str, torch.Size] = {}
-        handles = [modules[n].register_forward_hook(
-            lambda _m, _i, out, n=n: shapes.__setitem__(n, out.shape)) for n in names]
+        handles = [
+            modules[n].register_forward_hook(lambda _m, _i, out, n=n: shapes.__setitem__(n, out.shape)) for n in names
+        ]
         try:
             with torch.no_grad():
                 was = model.training
@@ -64,12 +66,14 @@ class Adapters(nn.Module):
         for n in names:
             shape = shapes.get(n)
             if shape is None or len(shape) not in (2, 3, 4):
-                raise ValueError(f"adapter after {n!r}: its output is not a (B, D), (B, T, D) or (B, C, H, W) "
-                                 f"tensor (got {shape})")
+                raise ValueError(
+                    f"adapter after {n!r}: its output is not a (B, D), (B, T, D) or (B, C, H, W) tensor (got {shape})"
+                )
             spatial = len(shape) == 4
             self.blocks[_key(n)] = Bottleneck(shape[1] if spatial else shape[-1], hidden, spatial)
-        self._handles = [modules[n].register_forward_hook(
-            lambda _m, _i, out, n=n: self.blocks[_key(n)](out)) for n in names]
+        self._handles = [
+            modules[n].register_forward_hook(lambda _m, _i, out, n=n: self.blocks[_key(n)](out)) for n in names
+        ]
 
     def remove(self) -> None:
         """Detach the hooks (the model computes without adapters again)."""

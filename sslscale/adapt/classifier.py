@@ -30,8 +30,9 @@ class Classifier(nn.Module):
 
     BUFFERS = ("feature_mean", "feature_scale")
 
-    def __init__(self, encoder: nn.Module, num_classes: int,
-                 feature_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self, encoder: nn.Module, num_classes: int, feature_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         dim = int(encoder.out_dim)
@@ -39,8 +40,9 @@ class Classifier(nn.Module):
         self.extras = nn.ModuleDict()
         mean, scale = feature_stats if feature_stats is not None else (torch.zeros(dim), torch.ones(dim))
         if mean.shape != (dim,) or scale.shape != (dim,):
-            raise ValueError(f"feature statistics must have shape ({dim},), got {tuple(mean.shape)} and "
-                             f"{tuple(scale.shape)}")
+            raise ValueError(
+                f"feature statistics must have shape ({dim},), got {tuple(mean.shape)} and {tuple(scale.shape)}"
+            )
         self.register_buffer("feature_mean", mean.detach().clone().float())
         self.register_buffer("feature_scale", scale.detach().clone().float())
 
@@ -92,8 +94,10 @@ def load_trainable(model: nn.Module, path: str | Path) -> nn.Module:
     params.update({n: getattr(model, n) for n in getattr(model, "BUFFERS", ())})
     missing = [k for k in saved if k not in params]
     if missing:
-        raise ValueError(f"{str(path)!r} holds {missing[:5]} which the rebuilt model does not have; was it built "
-                         "with the same method options?")
+        raise ValueError(
+            f"{str(path)!r} holds {missing[:5]} which the rebuilt model does not have; was it built "
+            "with the same method options?"
+        )
     wrong = [k for k, v in saved.items() if params[k].shape != v.shape]
     if wrong:
         raise ValueError(f"{str(path)!r}: shapes differ for {wrong[:5]}")

@@ -23,14 +23,14 @@ from sslscale.schema import ConfigError, at_least, build, nearest, plain
 
 @dataclass
 class DataSection:
-    source: str = "fashion-mnist"            # named IDX source (sslscale.adapt.datasets.SOURCES) when no shards
-    data_dir: str | None = None              # folder with the source's IDX files (null: its default location)
-    train_shards: str | None = None          # labelled shards (from `sslscale shards`) to adapt on instead
-    test_shards: str | None = None           # labelled shards scored (with train_shards)
+    source: str = "fashion-mnist"  # named IDX source (sslscale.adapt.datasets.SOURCES) when no shards
+    data_dir: str | None = None  # folder with the source's IDX files (null: its default location)
+    train_shards: str | None = None  # labelled shards (from `sslscale shards`) to adapt on instead
+    test_shards: str | None = None  # labelled shards scored (with train_shards)
     image_size: Annotated[int, at_least(1)] | None = None  # resize + centre-crop (null: the encoder's metadata)
-    channels: Literal[1, 3] | None = None    # convert to 1 or 3 channels (null: the encoder's metadata)
+    channels: Literal[1, 3] | None = None  # convert to 1 or 3 channels (null: the encoder's metadata)
     limit_train: Annotated[int, at_least(1)] | None = None  # only the first N training examples
-    limit_test: Annotated[int, at_least(1)] | None = None   # only the first N test examples
+    limit_test: Annotated[int, at_least(1)] | None = None  # only the first N test examples
 
     def __post_init__(self) -> None:
         if (self.train_shards is None) != (self.test_shards is None):
@@ -40,29 +40,29 @@ class DataSection:
 @dataclass
 class SweepSection:
     labels_per_class: list[Annotated[int, at_least(1)]] = field(default_factory=lambda: [1, 10, 100])
-    all_labels: bool = True                  # also a column with every training label (one run, seed 0)
-    seeds: Annotated[int, at_least(1)] = 3   # label subsets drawn per count (seed s: probe.sample_per_class)
+    all_labels: bool = True  # also a column with every training label (one run, seed 0)
+    seeds: Annotated[int, at_least(1)] = 3  # label subsets drawn per count (seed s: probe.sample_per_class)
 
 
 @dataclass
 class BaselinesSection:
-    random_init: bool = True                 # the same architecture at a seed-fixed random init
-    raw_pixels: bool = True                  # the flattened images (feature methods only: probe, knn)
-    init_seed: int = 0                       # seed of the random init
+    random_init: bool = True  # the same architecture at a seed-fixed random init
+    raw_pixels: bool = True  # the flattened images (feature methods only: probe, knn)
+    init_seed: int = 0  # seed of the random init
 
 
 @dataclass
 class AdaptConfig:
-    model: str = ""                          # exported encoder (.safetensors with metadata or a sidecar .json)
+    model: str = ""  # exported encoder (.safetensors with metadata or a sidecar .json)
     data: DataSection = field(default_factory=DataSection)
     sweep: SweepSection = field(default_factory=SweepSection)
     baselines: BaselinesSection = field(default_factory=BaselinesSection)
-    methods: dict[str, dict | None] = field(default_factory=lambda: {"probe": {}})  # entry name -> {method: NAME, ...options}
-    run_dir: str = "runs/adapt"              # results.json, results.md, plots, weights/
-    plot: bool = True                        # write accuracy_vs_labels.png
+    # entry name -> {method: REGISTRY_NAME, ...options}
+    methods: dict[str, dict | None] = field(default_factory=lambda: {"probe": {}})
+    run_dir: str = "runs/adapt"  # results.json, results.md, plots, weights/
+    plot: bool = True  # write accuracy_vs_labels.png
     threads: Annotated[int, at_least(1)] | None = None  # torch.set_num_threads (null: torch's default)
     resolved_methods: dict = field(default_factory=dict, init=False, repr=False)  # name -> (method, options)
-
 
 
 def resolve_methods(cfg: AdaptConfig) -> AdaptConfig:

@@ -7,8 +7,15 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int, k: int = 20,
-                temperature: float = 0.07, batch_size: int = 1024) -> torch.Tensor:
+def knn_predict(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    batch_size: int = 1024,
+) -> torch.Tensor:
     """Predicted classes (N_test,): each test feature's k most cosine-similar training features vote for their
     class with weight exp(similarity / temperature); k is clipped to the number of training examples."""
     if k < 1 or temperature <= 0:
@@ -19,7 +26,7 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
     k = min(k, len(bank))
     preds = []
     for i in range(0, len(test_x), batch_size):
-        q = F.normalize(test_x[i:i + batch_size].float(), dim=1)
+        q = F.normalize(test_x[i : i + batch_size].float(), dim=1)
         sim, idx = (q @ bank.T).topk(k, dim=1)
         votes = torch.zeros(len(q), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
         preds.append(votes.argmax(1))

@@ -32,15 +32,19 @@ def resolve_layer(model: nn.Module, layer: str) -> str | None:
     if layer == "penultimate":
         stack = stack_name(model)
         if stack is None:
-            raise ValueError(f"layer 'penultimate': {type(model).__name__} has none of the block stacks "
-                             f"{list(STACK_NAMES)}; name a module instead")
+            raise ValueError(
+                f"layer 'penultimate': {type(model).__name__} has none of the block stacks "
+                f"{list(STACK_NAMES)}; name a module instead"
+            )
         return f"{stack}.{len(getattr(model, stack)) - 2}"
     names = dict(model.named_modules())
     if layer not in names:
         stack = stack_name(model)
         hint = f" (its blocks: {stack}.0 .. {stack}.{len(getattr(model, stack)) - 1})" if stack else ""
-        raise ValueError(f"layer {layer!r} is not a module of {type(model).__name__}; expected 'last', "
-                         f"'penultimate' or a module name{hint}")
+        raise ValueError(
+            f"layer {layer!r} is not a module of {type(model).__name__}; expected 'last', "
+            f"'penultimate' or a module name{hint}"
+        )
     return layer
 
 
@@ -68,7 +72,7 @@ def extract(model: nn.Module, images: torch.Tensor, layer: str = "last", batch_s
     out = []
     try:
         for i in range(0, len(images), batch_size):
-            y = model(images[i:i + batch_size])
+            y = model(images[i : i + batch_size])
             out.append(pool(captured.pop() if name is not None else y).float())
     finally:
         model.train(was)
@@ -84,7 +88,7 @@ def depth_of_parameters(model: nn.Module) -> tuple[dict[str, int], int]:
     stack = stack_name(model)
     names = [n for n, _ in model.named_parameters()]
     if stack is None:
-        return {n: 0 for n in names}, 1
+        return dict.fromkeys(names, 0), 1
     n_blocks = len(getattr(model, stack))
     depth, seen_stack = {}, False
     for n in names:

@@ -24,7 +24,7 @@ class LoRALinear(nn.Module):
         self.base, self.rank, self.scale = base, rank, alpha / rank
         self.lora_A = nn.Linear(base.in_features, rank, bias=False)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5**0.5)
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout)
 
@@ -52,10 +52,18 @@ class LoRAConv2d(nn.Module):
         if base.groups != 1:
             raise ValueError(f"LoRA supports convolutions with groups=1, got groups={base.groups}")
         self.base, self.rank, self.scale = base, rank, alpha / rank
-        self.lora_A = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
-                                bias=False, padding_mode=base.padding_mode)
+        self.lora_A = nn.Conv2d(
+            base.in_channels,
+            rank,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
+        )
         self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5**0.5)
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout)
 
@@ -69,8 +77,17 @@ class LoRAConv2d(nn.Module):
 
     def merged(self) -> nn.Conv2d:
         base = self.base
-        out = nn.Conv2d(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
-                        base.dilation, base.groups, bias=base.bias is not None, padding_mode=base.padding_mode)
+        out = nn.Conv2d(
+            base.in_channels,
+            base.out_channels,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            base.groups,
+            bias=base.bias is not None,
+            padding_mode=base.padding_mode,
+        )
         with torch.no_grad():
             out.weight.copy_(base.weight + self.delta_weight())
             if base.bias is not None:
@@ -90,9 +107,14 @@ def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
 def matching_layers(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Names of the nn.Linear / nn.Conv2d modules of `model` matching any fnmatch pattern (e.g. "features.*",
     "blocks.*.attn.*", "*")."""
-    return [name for name, m in model.named_modules()
-            if name and isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, LORA_TYPES)
-            and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    return [
+        name
+        for name, m in model.named_modules()
+        if name
+        and isinstance(m, (nn.Linear, nn.Conv2d))
+        and not isinstance(m, LORA_TYPES)
+        and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    ]
 
 
 def add_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float, dropout: float = 0.0) -> list[str]:
@@ -105,13 +127,18 @@ def add_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float, 
     names = matching_layers(model, targets)
     if not names:
         layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        raise ValueError(f"LoRA targets {list(targets)} match no nn.Linear / nn.Conv2d module; the model has "
-                         f"{layers[:12]}{' ...' if len(layers) > 12 else ''}")
+        raise ValueError(
+            f"LoRA targets {list(targets)} match no nn.Linear / nn.Conv2d module; the model has "
+            f"{layers[:12]}{' ...' if len(layers) > 12 else ''}"
+        )
     for name in names:
         base = model.get_submodule(name)
         base.requires_grad_(False)
-        wrapper = LoRALinear(base, rank, alpha, dropout) if isinstance(base, nn.Linear) else \
-            LoRAConv2d(base, rank, alpha, dropout)
+        wrapper = (
+            LoRALinear(base, rank, alpha, dropout)
+            if isinstance(base, nn.Linear)
+            else LoRAConv2d(base, rank, alpha, dropout)
+        )
         _set_child(model, name, wrapper.to(base.weight.device))
     return names
 

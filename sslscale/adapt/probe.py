@@ -153,7 +153,7 @@ def select_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int,
         masks += [m] * len(grid)
         decays += grid
     w, b = fit_logistic(x, y, num_classes, decays, torch.stack(masks), max_iter)
-    scores = {wd: 0.0 for wd in grid}
+    scores = dict.fromkeys(grid, 0.0)
     for i, (wd, m) in enumerate(zip(decays, masks)):
         val = m == 0
         scores[wd] += accuracy(w[i], b[i], x[val], y[val]) / len(parts)

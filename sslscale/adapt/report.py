@@ -32,9 +32,13 @@ def markdown(res: dict) -> str:
     """The results as one markdown table: rows (model row, method entry), columns the label counts."""
     cols = res["columns"]
     head = ["model", "method"] + [column_label(c, res["num_train"]) for c in cols] + ["trainable params"]
-    lines = [f"Test accuracy % (mean ± std over {res['seeds']} label subsets; 'all': one run) — encoder "
-             f"`{res['encoder']}`, {res['num_test']} test examples, {res['num_classes']} classes.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"Test accuracy % (mean ± std over {res['seeds']} label subsets; 'all': one run) — encoder "
+        f"`{res['encoder']}`, {res['num_test']} test examples, {res['num_classes']} classes.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     groups: dict[tuple[str, str], dict] = {}
     for r in res["results"]:
         groups.setdefault((r["row"], r["entry"]), {})[r["labels_per_class"]] = r
@@ -59,8 +63,14 @@ def plot(res: dict, path: str | Path) -> None:
         for row in dict.fromkeys(r["row"] for r in res["results"] if r["entry"] == entry):
             pts = [r for r in res["results"] if r["entry"] == entry and r["row"] == row]
             xs = [per_class_all if r["labels_per_class"] == "all" else r["labels_per_class"] for r in pts]
-            ax.errorbar(xs, [100 * r["mean"] for r in pts], yerr=[100 * r["std"] for r in pts], marker="o",
-                        capsize=3, label=ROW_NAMES.get(row, row))
+            ax.errorbar(
+                xs,
+                [100 * r["mean"] for r in pts],
+                yerr=[100 * r["std"] for r in pts],
+                marker="o",
+                capsize=3,
+                label=ROW_NAMES.get(row, row),
+            )
         ax.set_xscale("log")
         ax.set_title(entry)
         ax.set_xlabel("labels per class ('all' at the right)")

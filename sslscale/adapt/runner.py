@@ -28,8 +28,14 @@ from sslscale.schema import ConfigError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="adapt YAML (see configs/adapt/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set methods.lora.rank=8 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set methods.lora.rank=8 (repeatable)",
+    )
 
 
 def load_data(cfg: AdaptConfig, meta: dict) -> tuple[tuple, tuple, dict]:
@@ -75,17 +81,34 @@ def rows(cfg: AdaptConfig, encoder: torch.nn.Module) -> list[tuple[str, torch.nn
     return out
 
 
-def sweep(cfg: AdaptConfig, encoder: torch.nn.Module, train: tuple, test: tuple, run_dir: Path,
-          header: dict, log=print) -> dict:
+def sweep(
+    cfg: AdaptConfig, encoder: torch.nn.Module, train: tuple, test: tuple, run_dir: Path, header: dict, log=print
+) -> dict:
     """Every (row, method entry, column, seed); returns the results document (also written as it grows)."""
     (train_x, train_y), (test_x, test_y) = train, test
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     subsets = label_subsets(train_y, cfg)
-    res = {**header, "num_train": len(train_y), "num_test": len(test_y), "num_classes": num_classes,
-           "seeds": cfg.sweep.seeds, "columns": list(subsets), "results": []}
+    res = {
+        **header,
+        "num_train": len(train_y),
+        "num_test": len(test_y),
+        "num_classes": num_classes,
+        "seeds": cfg.sweep.seeds,
+        "columns": list(subsets),
+        "results": [],
+    }
     for row, model in rows(cfg, encoder):
-        task = Task(row=row, encoder=model, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
-                    num_classes=num_classes, out_dir=run_dir / "weights" / row, encoder_file=cfg.model)
+        task = Task(
+            row=row,
+            encoder=model,
+            train_x=train_x,
+            train_y=train_y,
+            test_x=test_x,
+            test_y=test_y,
+            num_classes=num_classes,
+            out_dir=run_dir / "weights" / row,
+            encoder_file=cfg.model,
+        )
         for entry, (method_name, opts) in cfg.resolved_methods.items():
             method = METHODS[method_name]
             if model is None and method.needs_encoder:
@@ -95,11 +118,24 @@ def sweep(cfg: AdaptConfig, encoder: torch.nn.Module, train: tuple, test: tuple,
                 runs = [method.run(task, opts, idx, seed) for seed, idx in enumerate(per_seed)]
                 accs = [r["accuracy"] for r in runs]
                 m, sd = probe.mean_std(accs)
-                res["results"].append({"row": row, "entry": entry, "method": method_name, "labels_per_class": col,
-                                       "num_labels": len(per_seed[0]), "mean": m, "std": sd, "per_seed": accs,
-                                       "seconds": round(time.perf_counter() - start, 2), "runs": runs})
-                log(f"{row:<12} {entry:<14} {report.column_label(col, len(train_y)):>12}: "
-                    f"{100 * m:5.1f} ± {100 * sd:4.1f}  ({time.perf_counter() - start:.0f} s)")
+                res["results"].append(
+                    {
+                        "row": row,
+                        "entry": entry,
+                        "method": method_name,
+                        "labels_per_class": col,
+                        "num_labels": len(per_seed[0]),
+                        "mean": m,
+                        "std": sd,
+                        "per_seed": accs,
+                        "seconds": round(time.perf_counter() - start, 2),
+                        "runs": runs,
+                    }
+                )
+                log(
+                    f"{row:<12} {entry:<14} {report.column_label(col, len(train_y)):>12}: "
+                    f"{100 * m:5.1f} ± {100 * sd:4.1f}  ({time.perf_counter() - start:.0f} s)"
+                )
                 write_json(res, run_dir / "results.json")
     return res
 
@@ -124,8 +160,7 @@ def adapt(cfg: AdaptConfig, log=print) -> dict:
     encoder = load_encoder(cfg.model)
     meta = read_metadata(cfg.model)
     train, test, pre = load_data(cfg, meta)
-    header = {"encoder": cfg.model, "encoder_config": meta["encoder"], "preprocessing": pre,
-              "config": to_dict(cfg)}
+    header = {"encoder": cfg.model, "encoder_config": meta["encoder"], "preprocessing": pre, "config": to_dict(cfg)}
     res = sweep(cfg, encoder, train, test, run_dir, header, log)
     res["seconds"] = round(time.perf_counter() - start, 2)
     write_json(res, run_dir / "results.json")

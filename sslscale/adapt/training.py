@@ -28,8 +28,9 @@ class TrainResult:
     val_size: int
 
 
-def split_validation(y: torch.Tensor, fraction: float, seed: int, max_size: int = 2000
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def split_validation(
+    y: torch.Tensor, fraction: float, seed: int, max_size: int = 2000
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(train positions, validation positions) into `y`: per class round(fraction * n_c) (at least 1, at most
     n_c - 1) held out, at most `max_size` in all (spread over classes); empty validation when some class has
     fewer than two examples or fraction is 0."""
@@ -71,16 +72,28 @@ def parameter_groups(encoder: nn.Module, lr: float, layer_decay: float | None) -
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     was = model.training
     model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(x), batch_size))
+    correct = sum(
+        int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+        for i in range(0, len(x), batch_size)
+    )
     model.train(was)
     return correct / max(1, len(y))
 
 
-def train_classifier(model: nn.Module, groups: list[dict], train: tuple[torch.Tensor, torch.Tensor],
-                     val: tuple[torch.Tensor, torch.Tensor], *, steps: int, batch_size: int, weight_decay: float,
-                     eval_every: int, patience: int, seed: int, set_mode: Callable[[nn.Module], None]
-                     ) -> TrainResult:
+def train_classifier(
+    model: nn.Module,
+    groups: list[dict],
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    weight_decay: float,
+    eval_every: int,
+    patience: int,
+    seed: int,
+    set_mode: Callable[[nn.Module], None],
+) -> TrainResult:
     """Train `model` (x -> logits) with AdamW over `groups` (cosine lr decay over `steps`, warmup 5 %), early
     stopping after `patience` evaluations without a better accuracy on `val` (empty: none); restores the best
     state, the starting one included (evaluated before the first step).
@@ -98,12 +111,13 @@ def train_classifier(model: nn.Module, groups: list[dict], train: tuple[torch.Te
     order = torch.randperm(len(tx), generator=gen)
     cursor = 0
     for step in range(1, steps + 1):
-        scale = step / warmup if step <= warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        progress = (step - warmup) / max(1, steps - warmup)
+        scale = step / warmup if step <= warmup else 0.5 * (1 + math.cos(math.pi * progress))
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * scale
         if cursor + batch_size > len(tx):
             order, cursor = torch.randperm(len(tx), generator=gen), 0
-        idx = order[cursor:cursor + batch_size]
+        idx = order[cursor : cursor + batch_size]
         cursor += batch_size
         set_mode(model)
         loss = F.cross_entropy(model(tx[idx]), ty[idx])
@@ -122,8 +136,9 @@ def train_classifier(model: nn.Module, groups: list[dict], train: tuple[torch.Te
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    return TrainResult(steps=step, best_step=best_step if len(vy) else step,
-                       val_accuracy=best if len(vy) else None, val_size=len(vy))
+    return TrainResult(
+        steps=step, best_step=best_step if len(vy) else step, val_accuracy=best if len(vy) else None, val_size=len(vy)
+    )
 
 
 def freeze_batchnorm(model: nn.Module) -> None:

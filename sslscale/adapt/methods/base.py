@@ -22,15 +22,15 @@ from torch import nn
 class Task:
     """One row of the table: a model (None for raw pixels) and the labelled splits it is adapted on."""
 
-    row: str                                  # "pretrained" | "random_init" | "raw_pixels"
+    row: str  # "pretrained" | "random_init" | "raw_pixels"
     encoder: nn.Module | None
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
-    out_dir: Path                             # where methods may write weights (RUN_DIR/weights/ROW)
-    encoder_file: str = ""                    # the exported encoder the model came from ("" for none)
+    out_dir: Path  # where methods may write weights (RUN_DIR/weights/ROW)
+    encoder_file: str = ""  # the exported encoder the model came from ("" for none)
     _features: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def features(self, layer: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,8 +43,10 @@ class Task:
             else:
                 from sslscale.adapt.layers import extract
 
-                self._features[key] = (extract(self.encoder, self.train_x, layer),
-                                       extract(self.encoder, self.test_x, layer))
+                self._features[key] = (
+                    extract(self.encoder, self.train_x, layer),
+                    extract(self.encoder, self.test_x, layer),
+                )
         return self._features[key]
 
     def feature_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +67,6 @@ class Task:
 @dataclass(frozen=True)
 class Method:
     run: Callable[[Task, Any, torch.Tensor, int], dict]
-    options: type                             # dataclass of the method's config keys
+    options: type  # dataclass of the method's config keys
     needs_encoder: bool = True
     doc: str = ""

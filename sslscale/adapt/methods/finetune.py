@@ -22,7 +22,7 @@ from sslscale.schema import between
 @dataclass
 class FinetuneOptions(TrainOptions):
     layer_decay: Annotated[float, between(0, 1)] | None = None  # lr x decay^(depth from the top); null: none
-    batchnorm: Literal["frozen", "train"] = "frozen"           # keep the pretrained BN statistics, or update them
+    batchnorm: Literal["frozen", "train"] = "frozen"  # keep the pretrained BN statistics, or update them
 
 
 def run(task: Task, opts: FinetuneOptions, subset: torch.Tensor, seed: int) -> dict:
@@ -31,8 +31,17 @@ def run(task: Task, opts: FinetuneOptions, subset: torch.Tensor, seed: int) -> d
     model.encoder.requires_grad_(True)
     groups = parameter_groups(model.encoder, opts.lr, opts.layer_decay)
     mode = freeze_batchnorm if opts.batchnorm == "frozen" else (lambda m: m.train())
-    return fit_and_score(task, "finetune", model, groups, opts, subset, seed, set_mode=mode,
-                         meta={"note": "finetune saves the whole model"})
+    return fit_and_score(
+        task,
+        "finetune",
+        model,
+        groups,
+        opts,
+        subset,
+        seed,
+        set_mode=mode,
+        meta={"note": "finetune saves the whole model"},
+    )
 
 
 METHOD = Method(run=run, options=FinetuneOptions, doc=__doc__ or "")

@@ -14,9 +14,9 @@ from sslscale.schema import at_least, greater_than
 
 @dataclass
 class KnnOptions:
-    k: Annotated[int, at_least(1)] = 20                  # neighbours voting (clipped to the labelled examples)
+    k: Annotated[int, at_least(1)] = 20  # neighbours voting (clipped to the labelled examples)
     temperature: Annotated[float, greater_than(0)] = 0.07  # vote weight exp(cosine / temperature)
-    layer: str = "last"                                  # "last" | "penultimate" | a module name
+    layer: str = "last"  # "last" | "penultimate" | a module name
 
 
 def run(task: Task, opts: KnnOptions, subset: torch.Tensor, seed: int) -> dict:

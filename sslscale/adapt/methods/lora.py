@@ -19,11 +19,11 @@ from sslscale.schema import at_least, between, greater_than
 
 @dataclass
 class LoraOptions(TrainOptions):
-    rank: Annotated[int, at_least(1)] = 4                  # rank of each update B A
-    alpha: Annotated[float, greater_than(0)] = 8.0         # update scale alpha / rank
-    dropout: Annotated[float, between(0, 0.9)] = 0.0       # dropout on the update's input
+    rank: Annotated[int, at_least(1)] = 4  # rank of each update B A
+    alpha: Annotated[float, greater_than(0)] = 8.0  # update scale alpha / rank
+    dropout: Annotated[float, between(0, 0.9)] = 0.0  # dropout on the update's input
     targets: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns over module names
-    export_merged: bool = False                            # also write the merged encoder (all-labels runs only)
+    export_merged: bool = False  # also write the merged encoder (all-labels runs only)
 
 
 def build(task: Task, opts: LoraOptions, seed: int) -> Classifier:
@@ -37,8 +37,16 @@ def build(task: Task, opts: LoraOptions, seed: int) -> Classifier:
 def run(task: Task, opts: LoraOptions, subset: torch.Tensor, seed: int) -> dict:
     model = build(task, opts, seed)
     lora_params = [p for p in model.encoder.parameters() if p.requires_grad]
-    out = fit_and_score(task, "lora", model, [{"params": lora_params, "lr": opts.lr}], opts, subset, seed,
-                        meta={"rank": opts.rank, "alpha": opts.alpha, "targets": list(opts.targets)})
+    out = fit_and_score(
+        task,
+        "lora",
+        model,
+        [{"params": lora_params, "lr": opts.lr}],
+        opts,
+        subset,
+        seed,
+        meta={"rank": opts.rank, "alpha": opts.alpha, "targets": list(opts.targets)},
+    )
     if opts.export_merged and len(subset) == len(task.train_y):
         from sslscale.models import save_encoder
 

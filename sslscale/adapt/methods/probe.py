@@ -17,16 +17,17 @@ from sslscale.adapt.methods.base import Method, Task
 
 @dataclass
 class ProbeOptions:
-    layer: str = "last"         # "last" | "penultimate" | a module name (e.g. "features.2")
-    max_iter: int = 150         # L-BFGS iterations per fit
+    layer: str = "last"  # "last" | "penultimate" | a module name (e.g. "features.2")
+    max_iter: int = 150  # L-BFGS iterations per fit
 
 
 def run(task: Task, opts: ProbeOptions, subset: torch.Tensor, seed: int) -> dict:
     ftrain, ftest = task.features(opts.layer)
     mean, scale = lib.standardizer(ftrain)
     ftrain, ftest = (ftrain - mean) / scale, (ftest - mean) / scale
-    res = lib.linear_probe(ftrain[subset], task.train_y[subset], ftest, task.test_y, task.num_classes,
-                           max_iter=opts.max_iter, seed=seed)
+    res = lib.linear_probe(
+        ftrain[subset], task.train_y[subset], ftest, task.test_y, task.num_classes, max_iter=opts.max_iter, seed=seed
+    )
     d = ftrain.shape[1]
     return {**res, "trainable_params": d * task.num_classes + task.num_classes, "feature_dim": d}
 
