@@ -116,3 +116,11 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     cfg.write_text("model: x.safetensors\nmethods: {knn: {temprature: 0.1}}\n")
     assert main(["adapt", str(cfg)]) == 2
     assert "did you mean 'temperature'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["fmnist_simclr.yaml", "fmnist_demo.yaml"])
+def test_recipes_load(name):
+    from pathlib import Path
+
+    cfg = adapt_config.load(Path(__file__).parent.parent / "configs" / "adapt" / name)
+    assert cfg.resolved_methods and cfg.sweep.labels_per_class
