@@ -23,7 +23,7 @@ class Bottleneck(nn.Module):
         layer = (lambda i, o: nn.Conv2d(i, o, 1)) if spatial else nn.Linear
         self.down, self.up = layer(dim, hidden), layer(hidden, dim)
         nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        nn.init.zeros_(self.up.bias)  # type: ignore[arg-type]  # both layer kinds have a bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.up(torch.relu(self.down(x)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -29,13 +29,15 @@ class Classifier(nn.Module):
     of a random init: std ~0.3), and a head on standardised inputs trains at the same lr for all of them."""
 
     BUFFERS = ("feature_mean", "feature_scale")
+    feature_mean: torch.Tensor
+    feature_scale: torch.Tensor
 
     def __init__(
         self, encoder: nn.Module, num_classes: int, feature_stats: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> None:
         super().__init__()
         self.encoder = encoder
-        dim = int(encoder.out_dim)
+        dim = int(cast(int, encoder.out_dim))  # every registry encoder has out_dim
         self.head = nn.Linear(dim, num_classes)
         self.extras = nn.ModuleDict()
         mean, scale = feature_stats if feature_stats is not None else (torch.zeros(dim), torch.ones(dim))

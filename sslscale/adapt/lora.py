@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +45,11 @@ class LoRALinear(nn.Module):
         return out.to(self.base.weight.device, self.base.weight.dtype)
 
 
+def _geometry(conv: nn.Conv2d) -> dict[str, Any]:
+    """The arguments that fix where a convolution reads its inputs (kernel, stride, padding, dilation)."""
+    return {"kernel_size": conv.kernel_size, "stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
+
+
 class LoRAConv2d(nn.Module):
     """y = base(x) + scale * B(A(dropout(x))), A a conv of the base's geometry into `rank` channels, B 1x1."""
 
@@ -52,16 +58,7 @@ class LoRAConv2d(nn.Module):
         if base.groups != 1:
             raise ValueError(f"LoRA supports convolutions with groups=1, got groups={base.groups}")
         self.base, self.rank, self.scale = base, rank, alpha / rank
-        self.lora_A = nn.Conv2d(
-            base.in_channels,
-            rank,
-            base.kernel_size,
-            base.stride,
-            base.padding,
-            base.dilation,
-            bias=False,
-            padding_mode=base.padding_mode,
-        )
+        self.lora_A = nn.Conv2d(base.in_channels, rank, bias=False, padding_mode=base.padding_mode, **_geometry(base))
         self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=5**0.5)
         nn.init.zeros_(self.lora_B.weight)
@@ -80,17 +77,14 @@ class LoRAConv2d(nn.Module):
         out = nn.Conv2d(
             base.in_channels,
             base.out_channels,
-            base.kernel_size,
-            base.stride,
-            base.padding,
-            base.dilation,
-            base.groups,
+            groups=base.groups,
             bias=base.bias is not None,
             padding_mode=base.padding_mode,
+            **_geometry(base),
         )
         with torch.no_grad():
             out.weight.copy_(base.weight + self.delta_weight())
-            if base.bias is not None:
+            if base.bias is not None and out.bias is not None:
                 out.bias.copy_(base.bias)
         return out.to(base.weight.device, base.weight.dtype)
 
@@ -134,11 +128,13 @@ def add_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float, 
     for name in names:
         base = model.get_submodule(name)
         base.requires_grad_(False)
-        wrapper = (
-            LoRALinear(base, rank, alpha, dropout)
-            if isinstance(base, nn.Linear)
-            else LoRAConv2d(base, rank, alpha, dropout)
-        )
+        wrapper: nn.Module
+        if isinstance(base, nn.Linear):
+            wrapper = LoRALinear(base, rank, alpha, dropout)
+        elif isinstance(base, nn.Conv2d):
+            wrapper = LoRAConv2d(base, rank, alpha, dropout)
+        else:  # matching_layers returns only these two types
+            raise TypeError(f"{name}: cannot add LoRA to {type(base).__name__}")
         _set_child(model, name, wrapper.to(base.weight.device))
     return names
 

@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 import yaml
@@ -46,7 +47,7 @@ def load_data(cfg: AdaptConfig, meta: dict) -> tuple[tuple, tuple, dict]:
         pre["image_size"] = d.image_size
     if d.channels is not None:
         pre["channels"] = d.channels
-    if d.train_shards is not None:
+    if d.train_shards is not None and d.test_shards is not None:  # (the config allows both or neither)
         train = load_shards(d.train_shards, pre, limit=d.limit_train)
         test = load_shards(d.test_shards, pre, limit=d.limit_test)
     else:
@@ -75,7 +76,7 @@ def rows(cfg: AdaptConfig, encoder: torch.nn.Module) -> list[tuple[str, torch.nn
     out: list[tuple[str, torch.nn.Module | None]] = [("pretrained", encoder)]
     if cfg.baselines.random_init:
         torch.manual_seed(cfg.baselines.init_seed)
-        out.append(("random_init", encoder_from_config(encoder.config).eval()))
+        out.append(("random_init", encoder_from_config(cast(dict, encoder.config)).eval()))
     if cfg.baselines.raw_pixels:
         out.append(("raw_pixels", None))
     return out

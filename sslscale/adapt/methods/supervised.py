@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
@@ -65,7 +65,7 @@ def fit_and_score(
     )
     acc = float((predict(model, task.test_x) == task.test_y).float().mean())
     trainable, total = count_parameters(model)
-    out = {
+    out: dict[str, Any] = {
         "accuracy": acc,
         "trainable_params": trainable,
         "total_params": total,
