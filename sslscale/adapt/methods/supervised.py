@@ -21,8 +21,10 @@ from sslscale.schema import at_least, between, greater_than
 class TrainOptions:
     steps: Annotated[int, at_least(1)] = 300  # optimizer steps (at most; early stopping may end sooner)
     batch_size: Annotated[int, at_least(1)] = 128  # examples per step (all of them when fewer)
-    lr: Annotated[float, greater_than(0)] = 1e-3  # peak lr of the trained backbone parameters
-    head_lr: Annotated[float, greater_than(0)] = 1e-2  # peak lr of the new linear head
+    lr: Annotated[float, greater_than(0)] = 3e-4  # peak lr of the trained backbone parameters
+    # peak lr of the new head; it starts at the probe's optimum (head_init: probe), where Adam's first steps at 1e-2
+    # moved it off faster than the backbone could improve (all labels: never beat its start in 600 steps)
+    head_lr: Annotated[float, greater_than(0)] = 1e-3
     weight_decay: Annotated[float, at_least(0)] = 1e-4  # AdamW decoupled weight decay
     val_fraction: Annotated[float, between(0, 0.5)] = 0.2  # labelled examples held out for early stopping
     eval_every: Annotated[int, at_least(1)] = 25  # steps between validation evaluations
