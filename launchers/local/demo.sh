@@ -24,3 +24,4 @@ echo "pretraining took $(( $(date +%s) - start )) s"
 sslscale export "$RUN" --out "$RUN/encoder.safetensors"
 sslscale evaluate "$RUN/encoder.safetensors" --source fashion-mnist --labels-per-class 10 --seeds 3 \
   --json "$RUN/evaluation.json"
+sslscale adapt configs/adapt/fmnist_demo.yaml --set model="$RUN/encoder.safetensors" --set run_dir="$RUN/adapt"

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from sslscale.data.sources import read_idx  # noqa: F401  (re-exported: the one IDX reader)
+from sslscale.data.sources import read_idx
 
 SOURCES = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
 _FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -153,7 +153,7 @@ def select_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int,
         masks += [m] * len(grid)
         decays += grid
     w, b = fit_logistic(x, y, num_classes, decays, torch.stack(masks), max_iter)
-    scores = {wd: 0.0 for wd in grid}
+    scores = dict.fromkeys(grid, 0.0)
     for i, (wd, m) in enumerate(zip(decays, masks)):
         val = m == 0
         scores[wd] += accuracy(w[i], b[i], x[val], y[val]) / len(parts)
@@ -180,3 +180,44 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     m = sum(values) / n
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     return m, sd
+
+
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared-loss probe for regression targets: argmin_W,b mean ||x W^T + b - y||^2 + wd * ||W||^2 (bias
+    unpenalised), closed form in float64 on centred data. y: (N,) or (N, T); returns W (T, D), b (T,)."""
+    if x.dim() != 2 or len(x) != len(y) or y.dim() not in (1, 2):
+        raise ValueError(f"expected x (N, D) and y (N,) or (N, T), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if weight_decay < 0:
+        raise ValueError(f"weight decay must be >= 0, got {weight_decay}")
+    xd, yd = x.double(), (y if y.dim() == 2 else y[:, None]).double()
+    xm, ym = xd.mean(0), yd.mean(0)
+    xc, yc = xd - xm, yd - ym
+    n = len(x)
+    gram = xc.T @ xc / n + weight_decay * torch.eye(x.shape[1], dtype=torch.float64)
+    w = torch.linalg.solve(gram, xc.T @ yc / n).T  # (T, D)
+    b = ym - w @ xm
+    return w.float(), b.float()
+
+
+def ridge_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                grid: Sequence[float] = WEIGHT_DECAYS, folds: int = 5, seed: int = 0) -> dict[str, float]:
+    """Squared-loss probe with the weight decay of the best k-fold CV mean squared error on the training
+    examples; test MSE and R^2 (1 - MSE / variance of the test targets)."""
+    gen = torch.Generator().manual_seed(seed)
+    folds = max(2, min(folds, len(train_y)))
+    fold = torch.randperm(len(train_y), generator=gen) % folds
+    y2 = train_y if train_y.dim() == 2 else train_y[:, None]
+
+    def mse(w, b, x, y):
+        return float(((x @ w.T + b - y) ** 2).mean())
+
+    scores = {}
+    for wd in sorted(grid, reverse=True):
+        scores[wd] = sum(mse(*fit_ridge(train_x[fold != f], y2[fold != f], wd), train_x[fold == f], y2[fold == f])
+                         for f in range(folds)) / folds
+    best = min(scores, key=lambda wd: scores[wd])  # first of ties: the strongest decay
+    w, b = fit_ridge(train_x, y2, best)
+    ty = test_y if test_y.dim() == 2 else test_y[:, None]
+    test_mse = mse(w, b, test_x, ty)
+    return {"mse": test_mse, "r2": 1 - test_mse / float(ty.double().var(0, unbiased=False).mean()),
+            "weight_decay": best}

@@ -217,11 +217,12 @@ def from_dict(data: dict) -> PretrainConfig:
     return check_components(cfg)
 
 
-def apply_override(data: dict, assignment: str) -> None:
+def apply_override(data: dict, assignment: str, root: type | None = None) -> None:
     """Apply one `a.b.c=value` (value parsed as YAML: 3 -> int, 1e-3 -> float, [1,2] -> list, null -> None).
 
     The path is walked through the schema while it names sections (dataclass fields), then freely into mapping
-    keys (kwargs dicts); every key is validated afterwards by `from_dict`, with the same messages as YAML keys."""
+    keys (kwargs dicts); every key is validated afterwards by `from_dict`, with the same messages as YAML keys.
+    `root`: the config dataclass the path starts in (default PretrainConfig; `sslscale adapt` passes its own)."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optimizer.lr=3e-4")
     key, raw = assignment.split("=", 1)
@@ -229,7 +230,7 @@ def apply_override(data: dict, assignment: str) -> None:
     if isinstance(value, str) and _looks_numeric(value):  # YAML 1.1 reads "1e-3" as a string
         value = float(value)
     parts = key.strip().split(".")
-    tp: Any = PretrainConfig
+    tp: Any = PretrainConfig if root is None else root
     node: dict = data
     for depth, part in enumerate(parts[:-1]):
         here = ".".join(parts[:depth + 1])
