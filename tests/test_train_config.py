@@ -1,6 +1,5 @@
 """The pretraining config schema: unknown keys, bad values, `--set` overrides, the DeepSpeed JSON it produces."""
 
-
 import pytest
 import yaml
 
