@@ -7,10 +7,16 @@ directory without it is a save that was interrupted and is never resumed from.
 
 The client state carries the step, samples seen, counters, and each rank's own RNG states and data-stream
 position (gathered, so that rank r restores entry r on resume).
+
+Resume on another world size (`saved_world` != this job's): rank 0 converts the checkpoint once into DeepSpeed's
+universal format (`to_universal`: per-parameter fp32 weights and Adam moments, independent of the partitioning)
+in CHECKPOINT/universal/, every rank loads it with `load_universal` set in the engine's JSON
+(`load_resharded`), and the data stream re-splits all old ranks' positions (`sslscale.data.reshard`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -144,3 +150,44 @@ def load(engine, path: Path) -> tuple[dict, dict]:
                            "per-rank data-stream positions cannot be re-split (start a fresh run from an export)")
     per_rank = client.pop("ranks")[rank]
     return client, per_rank
+
+
+UNIVERSAL = "universal"
+
+
+def saved_world(path: Path) -> int:
+    """The number of ranks that wrote the checkpoint at `path` (from its COMPLETE marker)."""
+    return int(json.loads((path / MARKER).read_text())["world_size"])
+
+
+def to_universal(path: Path) -> Path:
+    """Convert the checkpoint at `path` to DeepSpeed's universal format in `path/universal` (once; a finished
+    conversion has its own COMPLETE marker, an interrupted one is redone). Call on one rank."""
+    out = path / UNIVERSAL
+    if (out / MARKER).is_file():
+        return out
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = path / (UNIVERSAL + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    # inject_missing_state: sslscale's models carry no tensor-parallel layout info, which plain data parallel
+    # does not need; one extract / merge worker each: the conversion runs beside idle ranks
+    ds_to_universal(argparse.Namespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1,
+                                       num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                       inject_missing_state=True))
+    os.replace(tmp, out)
+    (out / MARKER).write_text(json.dumps({"from_world_size": saved_world(path), "time": time.time()}))
+    _fsync_dir(out)
+    return out
+
+
+def load_resharded(engine, path: Path) -> tuple[dict, list[dict]]:
+    """Restore the engine from the universal conversion of `path` (the engine was built with `load_universal`);
+    returns (shared state, every old rank's own state in rank order) for the caller to re-split."""
+    universal = path / UNIVERSAL
+    loaded, client = engine.load_checkpoint(str(path), tag=UNIVERSAL, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
+    return client, client.pop("ranks")

@@ -216,9 +216,10 @@ def from_dict(data: dict) -> PretrainConfig:
     if cfg.schedule.warmup_steps > cfg.schedule.total_steps:
         raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds "
                           f"schedule.total_steps={cfg.schedule.total_steps}")
-    if cfg.optimizer.name == "lars" and cfg.precision == "bf16" and cfg.zero.stage == 0:
-        raise ConfigError("optimizer.name=lars with precision=bf16 needs zero.stage 1, 2 or 3 (at stage 0 DeepSpeed's "
-                          "bf16 optimizer flattens the parameters in a layout LARS does not read)")
+    if cfg.optimizer.name == "lars" and cfg.precision != "fp32" and cfg.zero.stage == 0:
+        raise ConfigError(f"optimizer.name=lars with precision={cfg.precision} needs zero.stage 1, 2 or 3 (at stage 0 "
+                          f"DeepSpeed's {cfg.precision} optimizer flattens the parameters in a layout LARS does not "
+                          "read)")
     try:
         stream_spec(cfg.data, cfg.seed)  # StreamSpec's own value checks
     except ValueError as err:

@@ -68,9 +68,10 @@ def lr_lambda(cfg: PretrainConfig):
     return factor
 
 
-def initialize(cfg: PretrainConfig, objective: Objective, world_size: int):
+def initialize(cfg: PretrainConfig, objective: Objective, world_size: int, load_universal: bool = False):
     """`deepspeed.initialize` with the configured optimizer over `objective.param_groups()` and the LR schedule;
-    then `objective.setup(...)`. Returns the engine."""
+    then `objective.setup(...)`. `load_universal`: the engine will load a universal checkpoint (a resume on
+    another world size, `sslscale.train.checkpoint.load_resharded`). Returns the engine."""
     import deepspeed
 
     untrained = objective.untrained_modules()
@@ -80,8 +81,11 @@ def initialize(cfg: PretrainConfig, objective: Objective, world_size: int):
     check_param_groups(objective, groups, untrained)
     optimizer = build_optimizer(cfg.optimizer, groups)
     schedule = lr_lambda(cfg)
+    ds = deepspeed_config(cfg, world_size)
+    if load_universal:
+        ds["checkpoint"]["load_universal"] = True
     engine, _, _, _ = deepspeed.initialize(
-        model=objective, optimizer=optimizer, config=deepspeed_config(cfg, world_size),
+        model=objective, optimizer=optimizer, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     if isinstance(optimizer, LARS) and cfg.zero.stage > 0:
         optimizer.attach_layouts(zero_layouts(engine))

@@ -36,7 +36,7 @@ class NonFinitePolicy:
         if mode not in ("skip", "stop") or grad_accum < 1:
             raise ValueError(f"need mode 'skip' or 'stop' and grad_accum >= 1, got {mode!r}, {grad_accum}")
         self.mode, self.grad_accum = mode, grad_accum
-        self.skipped = 0  # micro-batches dropped so far (resumed runs start from the checkpoint's count)
+        self.skipped = 0  # micro-batches dropped (and fp16 overflow steps) so far; resumes start from the checkpoint's
 
     def decide(self, bad_ranks: list[int], step: int, micro: int, have_finite: bool) -> Action:
         """The action for micro-batch `micro` of optimizer step `step` (1-based), counting skips."""
@@ -50,6 +50,10 @@ class NonFinitePolicy:
                                   "a zero-gradient step from")
         self.skipped += 1
         return "skip_step" if self.grad_accum == 1 else "zero_grad"
+
+    def count_overflow(self) -> None:
+        """An fp16 step DeepSpeed's loss scaler skipped (gradients overflowed): counted with the non-finite skips."""
+        self.skipped += 1
 
 
 class Agreement:
