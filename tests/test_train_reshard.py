@@ -2,7 +2,8 @@
 checkpointed on 2 ranks x b and resumed on 1 rank x 2b (and 1 x 2b -> 2 x b) continues exactly as the straight
 run does — the same global batches, weights, Adam moments and LR schedule — so its losses and final weights equal
 the straight run's within fp32 tolerance (1 rank x 2b and 2 ranks x b are the same computation up to reduction
-order; under ZeRO-3 the rounding differences reach ~1e-5 relative by step 6, measured 2026-12-02). A resume that lost the optimizer state or the data position would not match. ZeRO-2 and ZeRO-3, gloo."""
+order; under ZeRO-3 the rounding differences reach ~1e-5 relative by step 6, measured 2026-12-02). A resume that
+lost the optimizer state or the data position would not match. ZeRO-2 and ZeRO-3, gloo."""
 
 import pytest
 import torch
