@@ -2,8 +2,9 @@
 checkpointed on 2 ranks x b and resumed on 1 rank x 2b (and 1 x 2b -> 2 x b) continues exactly as the straight
 run does — the same global batches, weights, Adam moments and LR schedule — so its losses and final weights equal
 the straight run's within fp32 tolerance (1 rank x 2b and 2 ranks x b are the same computation up to reduction
-order; under ZeRO-3 the rounding differences reach ~1e-5 relative by step 6, measured 2026-12-02). A resume that
-lost the optimizer state or the data position would not match. ZeRO-2 and ZeRO-3, gloo."""
+order). A resume that lost the optimizer state or the data position would not match. ZeRO-2, gloo. ZeRO-3 is
+refused with a clear error: its DeepSpeed 0.19.8 universal load followed the straight run's losses (within 5e-5)
+but ended with weights ~7e-4 off (biases 15% relative) in both directions, 2026-12-02."""
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from tests import train_doubles as td
 from tests.dist_utils import run_distributed
 
 B, K = 8, 3
-STAGES = (2, 3)
+STAGES = (2,)
 
 
 def _cfg(run_dir, stage, batch, preempt=False):
@@ -80,9 +81,22 @@ def test_resume_on_another_world_size_continues_the_run(runs, stage, old_world, 
     assert [r["samples"] for r in part] == [r["samples"] for r in straight]
     assert [r["lr"] for r in part] == pytest.approx([r["lr"] for r in straight], rel=1e-12)
     torch.testing.assert_close(torch.tensor([r["loss"] for r in part]),
-                               torch.tensor([r["loss"] for r in straight]), rtol=5e-5, atol=5e-5)
+                               torch.tensor([r["loss"] for r in straight]), rtol=2e-6, atol=2e-6)
     assert straight[-1]["loss"] < straight[K]["loss"]  # it trains after step K (the check is not vacuous)
     wa, wb = _weights(tmp, f"straight{old_world}_{stage}"), _weights(tmp, f"part{old_world}_{stage}")
     assert wa.keys() == wb.keys() and wa
     for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6)
+
+
+def test_zero3_reshard_is_refused_clearly(tmp_path):
+    from sslscale.train.pretrain import _check_reshardable
+
+    ckpt = tmp_path / "step00000003"
+    ckpt.mkdir()
+    (ckpt / "COMPLETE").write_text('{"step": 3, "world_size": 2}')
+    with pytest.raises(RuntimeError, match=r"written by 2 ranks and this job has 1: resuming a ZeRO-3 run"):
+        _check_reshardable(td.MemoryStream(8, 0, 1, 0), str(ckpt), 1, 3)
+    with pytest.raises(RuntimeError, match=r"data stream \(object\) has no load_resharded"):
+        _check_reshardable(object(), str(ckpt), 1, 2)
+    _check_reshardable(td.MemoryStream(8, 0, 1, 0), str(ckpt), 1, 2)

@@ -190,4 +190,20 @@ def load_resharded(engine, path: Path) -> tuple[dict, list[dict]]:
                                             load_lr_scheduler_states=True)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
+    _restore_group_hyperparameters(engine, universal)
     return client, client.pop("ranks")
+
+
+def _restore_group_hyperparameters(engine, universal: Path) -> None:
+    """Put back each parameter group's own hyperparameters (weight_decay, lr, betas ...) as saved.
+
+    DeepSpeed 0.19's ZeRO-3 universal load copies group 0's hyperparameters onto every group ("generally the
+    same"), which gives sslscale's no-decay group (biases, norms) the decay group's weight_decay."""
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", weights_only=False)
+    groups = saved.get("param_groups") or saved.get("optimizer_state_dict", {}).get("param_groups")
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if not groups or len(groups) != len(inner.param_groups):
+        raise RuntimeError(f"universal checkpoint {universal}: {len(groups or [])} saved parameter groups, the "
+                           f"optimizer has {len(inner.param_groups)}")
+    for group, old in zip(inner.param_groups, groups, strict=True):
+        group.update({k: v for k, v in old.items() if k != "params"})

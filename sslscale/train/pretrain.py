@@ -187,7 +187,7 @@ def set_up(cfg: PretrainConfig, resume: str | None, stop: StopRequest) -> Sessio
     ckpt = _broadcast(str(checkpoint.resolve_resume(resume, run_dir) or "") if rank == 0 else None)
     resharded = bool(ckpt) and checkpoint.saved_world(Path(ckpt)) != world
     if resharded:
-        _check_reshardable(stream, ckpt, world)
+        _check_reshardable(stream, ckpt, world, cfg.zero.stage)
         if rank == 0:
             checkpoint.to_universal(Path(ckpt))
         dist.barrier()
@@ -226,7 +226,15 @@ def set_up(cfg: PretrainConfig, resume: str | None, stop: StopRequest) -> Sessio
                    step=step, samples=samples)
 
 
-def _check_reshardable(stream: Any, ckpt: str, world: int) -> None:
+def _check_reshardable(stream: Any, ckpt: str, world: int, stage: int) -> None:
+    """A resume on another world size is possible: ZeRO stage 0-2 and a stream that can re-split its position."""
+    if stage == 3:
+        # DeepSpeed 0.19.8's ZeRO-3 universal load: losses follow the straight run for 3 steps but the final weights
+        # differ by ~1e-3 (tests/test_train_reshard.py, 2026-12-02); refused until that is understood
+        raise RuntimeError(f"checkpoint {ckpt} was written by {checkpoint.saved_world(Path(ckpt))} ranks and this "
+                           f"job has {world}: resuming a ZeRO-3 run on another world size is not supported (its "
+                           "DeepSpeed universal load does not reproduce the optimizer state); resume on the same "
+                           "number of ranks, or on another world size with zero.stage 1 or 2")
     if not callable(getattr(stream, "load_resharded", None)):
         raise RuntimeError(f"checkpoint {ckpt} was written by {checkpoint.saved_world(Path(ckpt))} ranks and this "
                            f"job has {world}, but the data stream ({type(stream).__name__}) has no load_resharded "
