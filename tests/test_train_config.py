@@ -1,7 +1,5 @@
 """The pretraining config schema: unknown keys, bad values, `--set` overrides, the DeepSpeed JSON it produces."""
 
-import json
-
 import pytest
 import yaml
 
@@ -25,7 +23,7 @@ def test_unknown_key_names_nearest_valid_one(tmp_path):
     ("optimizer.lr=fast", r"optimizer.lr: expected a number, got str 'fast'"),
     ("zero.stage=4", r"zero.stage: 4 is out of range; expected one of 0, 1, 2, 3"),
     ("zero.stage=2.5", r"zero.stage: expected an integer"),
-    ("precision=fp16", r"precision: 'fp16' is not allowed; expected one of \['fp32', 'bf16'\]"),
+    ("precision=fp8", r"precision: 'fp8' is not allowed; expected one of \['fp32', 'bf16', 'fp16'\]"),
     ("logging.tensorboard=yes please", r"logging.tensorboard: expected true or false"),
     ("optimizer.betas=[0.9]", r"optimizer.betas: expected a list of 2 values"),
     ("data.batch_size=0", r"data: need batch_size >= 1"),
@@ -72,17 +70,6 @@ def test_shipped_recipe_and_deepspeed_files_validate():
         ds = deepspeed_config(cfg, world_size=2)
         assert ds["zero_optimization"]["stage"] == stage
         assert ds["train_batch_size"] == cfg.data.batch_size * 2
-
-
-def test_deepspeed_json_that_contradicts_the_config_is_an_error(tmp_path):
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    cfg = config.load(None, ["zero.stage=2", f"zero.config={path}"])
-    with pytest.raises(ValueError, match="has stage 3 but zero.stage is 2"):
-        deepspeed_config(cfg, 1)
-    path.write_text(json.dumps({"train_batch_size": 64}))
-    with pytest.raises(ValueError, match=r"sets \['train_batch_size'\]"):
-        deepspeed_config(config.load(None, [f"zero.config={path}"]), 1)
 
 
 def test_deepspeed_config_carries_accumulation_clipping_precision():

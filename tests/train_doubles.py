@@ -139,7 +139,16 @@ class MemoryStream:
         self.served = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "served": self.served}
+        return {"epoch": self.epoch, "batch": self.batch, "served": self.served, "global_batch": self.global_batch}
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """The old world's global position in samples, re-split (it must be a whole number of new global
+        batches: e.g. 2 ranks x b -> 1 rank x 2b continues exactly)."""
+        st = states[0]
+        position = st["batch"] * st["global_batch"]
+        if position % self.global_batch:
+            raise ValueError(f"position {position} is not a multiple of the new global batch {self.global_batch}")
+        self.epoch, self.batch, self.served = st["epoch"], position // self.global_batch, st["served"]
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batch, self.served = state["epoch"], state["batch"], state["served"]

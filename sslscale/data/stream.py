@@ -32,6 +32,7 @@ from the spec, else the manifest's, else the first image of the first shard.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import hashlib
 import importlib
@@ -57,6 +58,7 @@ from sslscale.data.reading import (
     reads_in_memory,
     visit_shard,
 )
+from sslscale.data.reshard import Remainder, origin_of
 from sslscale.data.shardlist import ShardInfo, resolve_shards
 from sslscale.train.signals import ignore_stop_signals
 
@@ -393,6 +395,7 @@ class _Worker:
         self.ctx = plan.ctx
         self.memory = _PeakMemory() if torch.utils.data.get_worker_info() is not None else None
         self.image_patterns = self.pipe.image_keys if self.spec.normalize.mean is not None else ()
+        self.assemble = True  # False: count the next batch's samples but yield None (read before each batch)
 
     def _assemble(self, items: list, batch_index: int) -> dict:
         """The pipeline's batch, with few torch threads when running inside the training process: per-sample
@@ -463,7 +466,8 @@ class _Worker:
                             carry = carry[block_tokens:]
                         else:
                             items, pending = pending, []
-                        batch = self._assemble(items, st["batches"])
+                        # a remainder replay (reshard.py) steps over other ranks' batches without building them
+                        batch = self._assemble(items, st["batches"]) if self.assemble else None
                         st["batches"] += 1
                         st["carry"] = list(carry)
                         yield batch, self._message()
@@ -515,6 +519,7 @@ class Stream:
         self._next_worker = 0
         self._stats_done: dict = self._zero_stats()
         self._memory: dict[int, float] = {}
+        self._remainder: Remainder | None = None  # replaying an epoch interrupted on another layout (reshard.py)
 
     @staticmethod
     def _zero_stats() -> dict:
@@ -541,9 +546,12 @@ class Stream:
         """Make the next iteration run `epoch`. Setting the epoch the stream is already in keeps its position,
         so `load_state_dict(); set_epoch(e); for batch in stream` resumes mid-epoch as expected."""
         if int(epoch) != self.epoch:
-            self.epoch, self._states, self._next_worker = int(epoch), {}, 0
+            self.epoch, self._states, self._next_worker, self._remainder = int(epoch), {}, 0, None
 
     def __iter__(self) -> Iterator[dict]:
+        if self._remainder is not None:
+            yield from self._replay(self._remainder)
+            return
         plan = self.plan
         dataset = _ShardDataset(plan, self.epoch, dict(self._states), self._next_worker)
         if self.spec.num_workers == 0:
@@ -579,6 +587,14 @@ class Stream:
                 shutdown()
         if not closed:
             self._close_epoch()
+
+    def _replay(self, remainder: Remainder) -> Iterator[dict]:
+        before = remainder.taken
+        yield from remainder
+        self._stats_done["batches"] += remainder.taken - before
+        self._stats_done["samples"] += (remainder.taken - before) * self.spec.batch_size
+        self._remainder = None
+        self.epoch, self._states, self._next_worker = remainder.origin["epoch"] + 1, {}, 0
 
     @staticmethod
     def _fold(into: dict, st: dict) -> None:
@@ -616,7 +632,9 @@ class Stream:
                 "world_size": self.plan.world_size, "workers": self.plan.workers, "mode": self.spec.mode,
                 "epoch": self.epoch, "next_worker": self._next_worker,
                 "worker_states": {str(k): _copy_state(v) for k, v in self._states.items()},
-                "stats_done": _copy_state(self._stats_done)}
+                "stats_done": _copy_state(self._stats_done), "batch_size": self.spec.batch_size,
+                "shards": len(self.plan.shards),
+                "remainder": None if self._remainder is None else copy.deepcopy(self._remainder.state())}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") not in (1, STATE_VERSION):
@@ -632,6 +650,46 @@ class Stream:
         # version 1 states lack the newer counters: start them at zero
         self._states = {int(k): {**_new_state(self.epoch), **_copy_state(v)} for k, v in state["worker_states"].items()}
         self._stats_done = {**self._zero_stats(), **_copy_state(state["stats_done"])}
+        rem = state.get("remainder")
+        self._remainder = None if not rem else Remainder(self.plan, copy.deepcopy(rem["origin"]), self.plan.rank,
+                                                         self.plan.world_size, rem["taken"])
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """Continue from the stream states of all N ranks of a run with another layout (rank order), as
+        `sslscale.data.reshard` describes: in epoch mode the interrupted epoch is finished first, dealt over the
+        new ranks, with no consumed sample repeated and at most world_size - 1 trailing batches dropped."""
+        if not states or [s.get("rank") for s in states] != list(range(len(states))):
+            raise ValueError(f"need the stream states of every old rank in rank order, got ranks "
+                             f"{[s.get('rank') for s in states]}")
+        first = states[0]
+        mine = {"seed": self.spec.seed, "mode": self.spec.mode, "batch_size": self.spec.batch_size,
+                "shards": len(self.plan.shards)}
+        for key, value in mine.items():
+            saved = {s.get(key, value) for s in states}
+            if saved != {value}:
+                raise ValueError(f"stream states were saved with {key}={sorted(saved)} but this stream has "
+                                 f"{key}={value!r}; a reshard needs the same data, seed, mode and batch size")
+        epochs = {s["epoch"] for s in states}
+        if len(epochs) != 1:
+            raise ValueError(f"the ranks' stream states are in different epochs {sorted(epochs)}")
+        self._states, self._next_worker, self._remainder = {}, 0, None
+        self._stats_done = self._zero_stats()
+        if self.plan.rank == 0:  # the old ranks' totals live on rank 0 from now on
+            for s in states:
+                self._fold(self._stats_done, s["stats_done"])
+                for ws in s["worker_states"].values():
+                    self._fold(self._stats_done, ws)
+        epoch = int(first["epoch"])
+        if self.spec.mode == "resampled":
+            self.epoch = epoch + 1 if any(s["worker_states"] for s in states) else epoch
+            return
+        old = copy.copy(self.plan)
+        old.world_size, old.workers = len(states), int(first["workers"])
+        old.slots = old.world_size * old.workers
+        origin = origin_of(states, old.per_worker_batches(epoch))
+        self.epoch = epoch
+        if origin is not None:
+            self._remainder = Remainder(self.plan, origin, self.plan.rank, self.plan.world_size)
 
 
 def _copy_state(d: dict) -> dict:

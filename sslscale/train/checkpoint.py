@@ -10,10 +10,18 @@ checkpoint that verifies, saying which newer ones were skipped and why. Every lo
 
 The client state carries the step, samples seen, counters, and each rank's own RNG states and data-stream
 position (gathered, so that rank r restores entry r on resume).
+
+Resume on another world size (`saved_world` != this job's): rank 0 converts the checkpoint once into DeepSpeed's
+universal format (`to_universal`: per-parameter fp32 weights and Adam moments, independent of the partitioning)
+in CHECKPOINT/universal/, every rank loads it with `load_universal` set in the engine's JSON
+(`load_resharded`), and the data stream re-splits all old ranks' positions (`sslscale.data.reshard`).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import random
 import re
 import shutil
@@ -178,3 +186,68 @@ def load(engine, path: Path) -> tuple[dict, dict]:
                            "per-rank data-stream positions cannot be re-split (start a fresh run from an export)")
     per_rank = client.pop("ranks")[rank]
     return client, per_rank
+
+
+UNIVERSAL = "universal"
+
+
+def saved_world(path: Path) -> int:
+    """The number of ranks that wrote the checkpoint at `path` (from its COMPLETE marker)."""
+    return int(json.loads((path / MARKER).read_text())["world_size"])
+
+
+def to_universal(path: Path) -> Path:
+    """Convert the checkpoint at `path` to DeepSpeed's universal format in `path/universal` (once; a finished
+    conversion has its own COMPLETE marker, an interrupted one is redone). Call on one rank."""
+    out = path / UNIVERSAL
+    if (out / MARKER).is_file():
+        return out
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = path / (UNIVERSAL + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    # inject_missing_state: sslscale's models carry no tensor-parallel layout info, which plain data parallel
+    # does not need; one extract / merge worker each: the conversion runs beside idle ranks
+    with safe_load.weights_only():  # the conversion's torch.load calls too: no code from the files runs
+        ds_to_universal(argparse.Namespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1,
+                                           num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                           inject_missing_state=True))
+    os.replace(tmp, out)
+    (out / MARKER).write_text(json.dumps({"from_world_size": saved_world(path), "time": time.time()}))
+    integrity.fsync_dir(out)
+    return out
+
+
+def load_resharded(engine, path: Path) -> tuple[dict, list[dict]]:
+    """Restore the engine from the universal conversion of `path` (the engine was built with `load_universal`);
+    returns (shared state, every old rank's own state in rank order) for the caller to re-split."""
+    universal = path / UNIVERSAL
+    try:
+        with safe_load.weights_only():
+            loaded, client = engine.load_checkpoint(str(path), tag=UNIVERSAL, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+    except Exception as err:
+        if safe_load.is_refusal(err):
+            raise CheckpointError(str(safe_load.refusal(universal, err))) from err
+        raise
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
+    _restore_group_hyperparameters(engine, universal)
+    return client, client.pop("ranks")
+
+
+def _restore_group_hyperparameters(engine, universal: Path) -> None:
+    """Put back each parameter group's own hyperparameters (weight_decay, lr, betas ...) as saved.
+
+    DeepSpeed 0.19's ZeRO-3 universal load copies group 0's hyperparameters onto every group ("generally the
+    same"), which gives sslscale's no-decay group (biases, norms) the decay group's weight_decay."""
+    saved = safe_load.load(universal / "zero" / "optimizer_state.pt")
+    assert isinstance(saved, dict)
+    groups = saved.get("param_groups") or saved.get("optimizer_state_dict", {}).get("param_groups")
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if not groups or len(groups) != len(inner.param_groups):
+        raise RuntimeError(f"universal checkpoint {universal}: {len(groups or [])} saved parameter groups, the "
+                           f"optimizer has {len(inner.param_groups)}")
+    for group, old in zip(inner.param_groups, groups, strict=True):
+        group.update({k: v for k, v in old.items() if k != "params"})

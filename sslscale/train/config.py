@@ -123,13 +123,17 @@ class OptimizerConfig:
 class ScheduleConfig:
     total_steps: Annotated[int, at_least(1)] = 1000   # optimizer steps of the whole run
     warmup_steps: Annotated[int, at_least(0)] = 100   # linear warmup from lr/warmup_steps to lr
-    min_lr_ratio: Annotated[float, between(0, 1)] = 0.0  # cosine decays to lr * min_lr_ratio at total_steps
+    min_lr_ratio: Annotated[float, between(0, 1)] = 0.0  # the decay ends at lr * min_lr_ratio at total_steps
+    decay: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup (DeepSpeed's WarmupCosineLR /
+    #                                                            WarmupDecayLR / WarmupLR)
 
 
 @dataclass
 class ZeroConfig:
     stage: Annotated[int, one_of(0, 1, 2, 3)] = 2    # 0 (plain data parallel), 1, 2 or 3
-    config: str | None = None                # optional DeepSpeed JSON (configs/deepspeed/zeroN.json) as the base
+    config: str | None = None                # optional DeepSpeed JSON (a stock one is fine: sslscale.train.ds_config)
+    offload_optimizer: Literal["none", "cpu"] = "none"  # ZeRO-Offload: optimizer states (and step) on the CPU
+    offload_param: Literal["none", "cpu"] = "none"      # ZeRO-3 only: parameters live on the CPU between uses
 
 
 @dataclass
@@ -175,7 +179,7 @@ class PretrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     callbacks: list[CallbackConfig] = field(default_factory=list)  # loop hooks (tests use them; none by default)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16: dynamic loss scaling (overflow steps skipped)
     grad_clip: Annotated[float, at_least(0)] = 1.0   # max global gradient norm (0: off)
     grad_accum: Annotated[int, at_least(1)] = 1      # micro-batches per optimizer step
     nonfinite: Literal["skip", "stop"] = "skip"      # on a NaN/inf loss on any rank
@@ -201,13 +205,23 @@ RETIRED = {
 def from_dict(data: dict) -> PretrainConfig:
     """The validated config of a plain mapping (YAML as loaded, overrides applied)."""
     check_retired(data, RETIRED)
+    from sslscale.train import ds_config
+
+    both = ds_config.merge(data)  # a stock DeepSpeed JSON's keys become sslscale keys (or must agree with them)
     cfg = build(PretrainConfig, data, "")
+    ds_config.check(cfg, both, ds_config.world_from_env())
+    if cfg.zero.offload_param != "none" and cfg.zero.stage != 3:
+        raise ConfigError(f"zero.offload_param={cfg.zero.offload_param} needs zero.stage 3 (got {cfg.zero.stage}); "
+                          "stages 1-2 can offload the optimizer only (zero.offload_optimizer)")
+    if cfg.zero.offload_optimizer != "none" and cfg.zero.stage == 0:
+        raise ConfigError("zero.offload_optimizer needs zero.stage 1, 2 or 3 (got 0)")
     if cfg.schedule.warmup_steps > cfg.schedule.total_steps:
         raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds "
                           f"schedule.total_steps={cfg.schedule.total_steps}")
-    if cfg.optimizer.name == "lars" and cfg.precision == "bf16" and cfg.zero.stage == 0:
-        raise ConfigError("optimizer.name=lars with precision=bf16 needs zero.stage 1, 2 or 3 (at stage 0 DeepSpeed's "
-                          "bf16 optimizer flattens the parameters in a layout LARS does not read)")
+    if cfg.optimizer.name == "lars" and cfg.precision != "fp32" and cfg.zero.stage == 0:
+        raise ConfigError(f"optimizer.name=lars with precision={cfg.precision} needs zero.stage 1, 2 or 3 (at stage 0 "
+                          f"DeepSpeed's {cfg.precision} optimizer flattens the parameters in a layout LARS does not "
+                          "read)")
     try:
         stream_spec(cfg.data, cfg.seed)  # StreamSpec's own value checks
     except ValueError as err:

@@ -20,22 +20,16 @@ summed over ranks, so the average DeepSpeed applies equals the gradient of one p
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from sslscale.objectives.base import Objective, SetupContext, freeze
 from sslscale.train.config import PretrainConfig
+from sslscale.train.ds_config import engine_json
 from sslscale.train.lars import LARS, zero_layouts
 from sslscale.train.optim import build_optimizer, check_param_groups
-
-# Keys the sslscale config owns; a DeepSpeed JSON that sets them would silently disagree with it.
-_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-          "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
 
 
 def prepare_runtime() -> str:
@@ -50,43 +44,25 @@ def prepare_runtime() -> str:
 
 
 def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON for this run: `zero.config` (if any) as the base, the keys sslscale owns on top."""
-    base: dict[str, Any] = {}
-    if cfg.zero.config:
-        base = json.loads(Path(cfg.zero.config).read_text())
-        clash = [k for k in _OWNED if k in base]
-        if clash:
-            raise ValueError(f"zero.config={cfg.zero.config} sets {clash}; set them in the sslscale config "
-                             "(data.batch_size, grad_accum, grad_clip, optimizer, schedule, precision) instead")
-        file_stage = base.get("zero_optimization", {}).get("stage")
-        if file_stage is not None and file_stage != cfg.zero.stage:
-            raise ValueError(f"zero.config={cfg.zero.config} has stage {file_stage} but zero.stage is "
-                             f"{cfg.zero.stage}; make them agree")
-    zero = dict(base.get("zero_optimization", {}))
-    zero["stage"] = cfg.zero.stage
-    base.update({
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.data.batch_size * cfg.grad_accum * world_size,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    })
-    base.setdefault("checkpoint", {}).setdefault("tag_validation", "Fail")
-    return base
+    """The DeepSpeed JSON for this run (`sslscale.train.ds_config.engine_json`): `zero.config` (if any) checked
+    against the config with the real world size, the keys sslscale owns set from the config."""
+    return engine_json(cfg, world_size)
 
 
 def lr_lambda(cfg: PretrainConfig):
-    """Multiplier of the peak lr at optimizer step s: linear warmup, then cosine to min_lr_ratio."""
+    """Multiplier of the peak lr at optimizer step s: linear warmup, then cosine (or linear, or constant) decay to
+    min_lr_ratio."""
     warmup, total, floor = cfg.schedule.warmup_steps, cfg.schedule.total_steps, cfg.schedule.min_lr_ratio
+    decay = cfg.schedule.decay
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        if decay == "constant":
+            return 1.0
+        if decay == "linear":
+            return floor + (1 - floor) * (1 - progress)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
@@ -102,9 +78,10 @@ def _constant(step: int) -> float:
     return 1.0
 
 
-def initialize(cfg: PretrainConfig, objective: Objective, world_size: int):
+def initialize(cfg: PretrainConfig, objective: Objective, world_size: int, load_universal: bool = False):
     """`deepspeed.initialize` with the configured optimizer over `objective.param_groups()` and the LR schedule;
-    then `objective.setup(...)`. Returns the engine."""
+    then `objective.setup(...)`. `load_universal`: the engine will load a universal checkpoint (a resume on
+    another world size, `sslscale.train.checkpoint.load_resharded`). Returns the engine."""
     import deepspeed
 
     untrained = objective.untrained_modules()
@@ -113,8 +90,11 @@ def initialize(cfg: PretrainConfig, objective: Objective, world_size: int):
     groups = objective.param_groups()
     check_param_groups(objective, groups, untrained)
     optimizer = build_optimizer(cfg.optimizer, groups)
+    ds = deepspeed_config(cfg, world_size)
+    if load_universal:
+        ds["checkpoint"]["load_universal"] = True
     engine, _, _, _ = deepspeed.initialize(
-        model=objective, optimizer=optimizer, config=deepspeed_config(cfg, world_size),
+        model=objective, optimizer=optimizer, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, opt)))
     if isinstance(optimizer, LARS) and cfg.zero.stage > 0:
         optimizer.attach_layouts(zero_layouts(engine))

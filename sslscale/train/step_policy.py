@@ -69,6 +69,10 @@ class NonFinitePolicy:
         self.consecutive += 1
         return "skip_step" if self.grad_accum == 1 else "zero_grad"
 
+    def count_overflow(self) -> None:
+        """An fp16 step DeepSpeed's loss scaler skipped (gradients overflowed): counted with the non-finite skips."""
+        self.skipped += 1
+
 
 class BufferSnapshot:
     """A copy of every buffer of `module`, taken before each forward (into storage allocated once) and restored
