@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("sslscale.train.pretrain", "self-supervised pretraining on DeepSpeed ZeRO (YAML config)"),
     "export": ("sslscale.train.export", "encoder weights of a run as safetensors (+ JSON sidecar)"),
     "evaluate": ("sslscale.adapt.evaluate", "linear-probe an exported encoder vs random init and raw pixels"),
-    "adapt": ("sslscale.adapt.runner", "probe / finetune / LoRA / adapters / kNN sweeps over label counts (YAML)"),
+    "adapt": ("sslscale.adapt.runner", "few-label adaptation: probe, finetune, LoRA, adapters, kNN"),
     "generate": ("sslscale.adapt.generate", "continue a prompt with an exported causal LM"),
     "lm-eval": ("sslscale.adapt.lm_eval", "held-out bits per character of an exported causal LM"),
 }

@@ -274,13 +274,17 @@ def test_vocab_size_comes_from_the_tokenizer_saved_with_the_shards(tmp_path):
         "objective": {"name": "gpt"},
         "data": {"shards": str(tmp_path), "pipeline": "clm"},
     }
-    cfg = from_dict(base)
-    assert cfg.model.encoder_kwargs["vocab_size"] == tok.get_vocab_size() > 256
+    from sslscale.train.build import resolve_data_kwargs
+
+    def resolved(cfg_dict):  # what the run does when it starts (and saves in RUN_DIR/config.yaml)
+        return resolve_data_kwargs(from_dict(cfg_dict)).model.encoder_kwargs["vocab_size"]
+
+    assert resolved(base) == tok.get_vocab_size() > 256
     base["model"]["encoder_kwargs"]["vocab_size"] = tok.get_vocab_size() + 10  # padded rows are allowed
-    assert from_dict(base).model.encoder_kwargs["vocab_size"] == tok.get_vocab_size() + 10
+    assert resolved(base) == tok.get_vocab_size() + 10
     base["model"]["encoder_kwargs"]["vocab_size"] = 100
     with pytest.raises(ConfigError, match=rf"vocab_size=100 is smaller than the {tok.get_vocab_size()} tokens"):
-        from_dict(base)
+        resolved(base)
 
 
 # ------------------------------------------------------------------------------------ the Shakespeare recipe

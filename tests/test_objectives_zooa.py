@@ -109,7 +109,7 @@ def test_simsiam_predictor_group_has_its_own_lr_and_a_fixed_schedule():
         in_pred = {id(p) for p in g.params} <= pred
         assert (g.lr_scale, g.scheduled) == ((2.0, False) if in_pred else (1.0, True)), g.name
     cfg = SimpleNamespace(
-        schedule=SimpleNamespace(warmup_steps=2, total_steps=10, min_lr_ratio=0.0),
+        schedule=SimpleNamespace(warmup_steps=2, total_steps=10, min_lr_ratio=0.0, decay="cosine"),
         optimizer=SimpleNamespace(name="sgd", lr=0.1, weight_decay=1e-4, momentum=0.9, nesterov=False),
     )
     opt = build_optimizer(cfg.optimizer, groups)
