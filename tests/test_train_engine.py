@@ -320,3 +320,23 @@ def test_sslscale_config_prints_what_the_run_saved(runs, tmp_path, capsys):
     assert main(["config", str(path), "--get", "zero.stage"]) == 0 and capsys.readouterr().out == "0\n"
     assert main(["config", str(path), "--set", "optimizer.lrr=1"]) == 2
     assert "unknown key 'optimizer.lrr'; did you mean 'lr'?" in capsys.readouterr().err
+
+
+def test_bf16_batchnorm_statistics_follow_the_parameters_dtype():
+    """DeepSpeed's bf16 casts parameters, not buffers: a BatchNorm model then fails on CPU until its running
+    statistics are cast too (queues and other buffers keep their dtype)."""
+    from torch import nn
+
+    from sslscale.train.engine import match_norm_statistics
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    model.register_buffer("queue", torch.zeros(3, 2))
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)  # what DeepSpeed does under bf16
+    x = torch.rand(2, 1, 8, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError):
+        model(x)
+    match_norm_statistics(model, torch.bfloat16)
+    assert model[1].running_mean.dtype == model[1].running_var.dtype == torch.bfloat16
+    assert model.queue.dtype == torch.float32 and model[1].num_batches_tracked.dtype == torch.int64
+    assert model(x).dtype == torch.bfloat16

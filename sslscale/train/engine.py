@@ -99,10 +99,23 @@ def initialize(cfg: PretrainConfig, objective: Objective, world_size: int, load_
     if isinstance(optimizer, LARS) and cfg.zero.stage > 0:
         optimizer.attach_layouts(zero_layouts(engine))
     param = next(objective.parameters())
+    match_norm_statistics(objective, param.dtype)
     objective.setup(SetupContext(zero_stage=cfg.zero.stage, world_size=world_size,
                                  rank=torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
                                  dtype=param.dtype, device=param.device))
     return engine
+
+
+def match_norm_statistics(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give BatchNorm running statistics the parameters' dtype. DeepSpeed's bf16/fp16 casts parameters but not
+    buffers, and the CPU batch_norm kernel refuses bf16 inputs with fp32 running statistics ("expected scalar type
+    BFloat16 but found Float"). Only normalisation buffers change: queues and EMA shadows keep their own dtype."""
+    for norm in module.modules():
+        if isinstance(norm, torch.nn.modules.batchnorm._NormBase):
+            for name in ("running_mean", "running_var"):
+                buf = getattr(norm, name, None)
+                if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                    setattr(norm, name, buf.to(dtype))
 
 
 def set_activation_checkpointing(encoder: torch.nn.Module, enabled: bool) -> None:
