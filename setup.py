@@ -15,9 +15,8 @@ from __future__ import annotations
 import glob
 import os
 
-from setuptools import find_packages, setup
-
 import torch
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,8 +41,12 @@ def _extension():
     sources += _sources("csrc/*/*_cuda_binding.cpp") + _sources("csrc/*/*.cu")
     extra["cxx"].append("-DSSLSCALE_WITH_CUDA")
     extra["nvcc"] = [
-        "-O3", "--use_fast_math", "-lineinfo", "-DSSLSCALE_WITH_CUDA",
-        "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-O3",
+        "--use_fast_math",
+        "-lineinfo",
+        "-DSSLSCALE_WITH_CUDA",
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
     ]
     return CUDAExtension(sources=sources, extra_compile_args=extra, **kwargs)
 

@@ -6,11 +6,11 @@ import functools
 from types import ModuleType
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load() -> ModuleType | None:
     """The compiled module, or None when it was not built (its ops then stay unregistered)."""
     try:
-        from sslscale import _C  # noqa: F401  (importing registers torch.ops.sslscale.*)
+        from sslscale import _C
     except ImportError as exc:  # not built: only the reference backends are usable
         load.error = str(exc)  # type: ignore[attr-defined]
         return None

@@ -57,7 +57,7 @@ def one_of(*allowed: Any) -> Check:
 
 
 def nearest(key: str, valid: collections.abc.Iterable[str]) -> str:
-    """"; did you mean 'x'?" for a close valid name; otherwise the valid names (a far-fetched "did you mean"
+    """ "; did you mean 'x'?" for a close valid name; otherwise the valid names (a far-fetched "did you mean"
     misleads: BYOL has no 'temperature', and 'temprature' is not a typo of 'batch_norm')."""
     names = sorted(map(str, valid))
     close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
@@ -108,8 +108,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return coerce(value, option, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{key}: {value!r} fits none of {_name(tp)}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {_name(tp)}")
     if tp is type(None):
         if value is not None:
             raise ConfigError(f"{key}: expected null, got {_describe(value)}")
@@ -218,9 +217,11 @@ def check_kwargs(fn: Callable, kwargs: Any, prefix: str, skip: collections.abc.C
         raise ConfigError(f"{where}: expected a mapping, got {_describe(kwargs)}")
     signature = inspect.signature(fn)
     types_ = hints(fn)
-    params = {name: p for name, p in signature.parameters.items()
-              if name not in skip and name != "self"
-              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    params = {
+        name: p
+        for name, p in signature.parameters.items()
+        if name not in skip and name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
     open_ended = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     for key in kwargs:
         if key not in params and not open_ended:
@@ -271,5 +272,21 @@ def plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["Check", "ConfigError", "at_least", "between", "build", "check_kwargs", "check_retired", "coerce", "greater_than",
-           "hints", "is_section", "nearest", "one_of", "plain", "section_type", "unknown_key"]
+__all__ = [
+    "Check",
+    "ConfigError",
+    "at_least",
+    "between",
+    "build",
+    "check_kwargs",
+    "check_retired",
+    "coerce",
+    "greater_than",
+    "hints",
+    "is_section",
+    "nearest",
+    "one_of",
+    "plain",
+    "section_type",
+    "unknown_key",
+]

@@ -58,13 +58,26 @@ def smooth_image(rng: np.random.Generator, height: int, width: int, channels: in
     xs = np.linspace(0, coarse.shape[1] - 1.001, width)
     y0, x0 = ys.astype(int), xs.astype(int)
     fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    img = (coarse[y0][:, x0] * (1 - fy) * (1 - fx) + coarse[y0 + 1][:, x0] * fy * (1 - fx)
-           + coarse[y0][:, x0 + 1] * (1 - fy) * fx + coarse[y0 + 1][:, x0 + 1] * fy * fx)
+    img = (
+        coarse[y0][:, x0] * (1 - fy) * (1 - fx)
+        + coarse[y0 + 1][:, x0] * fy * (1 - fx)
+        + coarse[y0][:, x0 + 1] * (1 - fy) * fx
+        + coarse[y0 + 1][:, x0 + 1] * fy * fx
+    )
     return img.round().clip(0, 255).astype(np.uint8)
 
 
-def writer_shards(out: Path, *, n_shards: int, per_shard: int, layout: str = "cls", ext: str = "jpg",
-                  sizes: tuple[tuple[int, int], ...] = ((24, 24),), grey_every: int = 0, seed: int = 0) -> Path:
+def writer_shards(
+    out: Path,
+    *,
+    n_shards: int,
+    per_shard: int,
+    layout: str = "cls",
+    ext: str = "jpg",
+    sizes: tuple[tuple[int, int], ...] = ((24, 24),),
+    grey_every: int = 0,
+    seed: int = 0,
+) -> Path:
     """Shards written by webdataset's own ShardWriter (PAX headers, its default encoders), img2dataset layouts:
     "cls": {key}.jpg + {key}.cls; "caption": {key}.jpg + {key}.txt + {key}.json; "none": {key}.jpg only.
     Sample i has class i (unique: tests identify samples by label), size sizes[i % len(sizes)], and is grey
@@ -101,9 +114,11 @@ class HttpServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.proc = subprocess.Popen([sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
-                                      "--directory", str(directory)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1", "--directory", str(directory)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:

@@ -6,7 +6,7 @@ import os
 import socket
 import tempfile
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -20,14 +20,15 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         result = fn(rank, world, *args)
         torch.save({"ok": True, "result": result}, os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:  # noqa: BLE001  (report any failure to the parent test)
+    except BaseException:
         torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(out_dir, f"rank{rank}.pt"))
         raise
     finally:
@@ -38,8 +39,9 @@ def run_distributed(fn: Callable, world: int, *args) -> list:
     """fn(rank, world, *args) on `world` gloo ranks; returns the per-rank results in rank order."""
     with tempfile.TemporaryDirectory() as out_dir:
         try:
-            mp.start_processes(_worker, args=(world, free_port(), fn, args, out_dir), nprocs=world,
-                               join=True, start_method="spawn")
+            mp.start_processes(
+                _worker, args=(world, free_port(), fn, args, out_dir), nprocs=world, join=True, start_method="spawn"
+            )
         except Exception:
             pass  # the per-rank files say what failed
         results = []

@@ -105,8 +105,12 @@ def test_lse_matches_reference(backend, scale):
         assert lse.shape == (b, h, t) and lse.dtype == torch.float32
         expected = reference.attention_lse(q.cpu().double(), k.cpu().double(), s)
         _assert_close(lse, expected, 1e-5, f"lse T{t} D{d} scale {s}")
-        _assert_close(out, reference.attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), s), 5e-5,
-                      f"out T{t} D{d} scale {s}")
+        _assert_close(
+            out,
+            reference.attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), s),
+            5e-5,
+            f"out T{t} D{d} scale {s}",
+        )
 
 
 def test_matches_sdpa(backend):
@@ -181,19 +185,29 @@ def test_cpp_opcheck(dtype):
 # Public API: (q, k, v) builders and the words the error must contain.
 _BAD_INPUTS = [
     ("rank", lambda: (torch.randn(2, 8, 32), torch.randn(2, 8, 32), torch.randn(2, 8, 32)), "4-D"),
-    ("kv shape", lambda: (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 9, 32)),
-     "same shape"),
+    ("kv shape", lambda: (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 9, 32)), "same shape"),
     ("batch", lambda: (torch.randn(2, 2, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)), "batch"),
-    ("length", lambda: (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 9, 32), torch.randn(1, 2, 9, 32)),
-     "sequence length"),
-    ("head_dim mismatch", lambda: (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64)),
-     "head_dim"),
-    ("heads", lambda: (torch.randn(1, 3, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)),
-     "multiple of kv_heads"),
-    ("head_dim", lambda: (torch.randn(1, 2, 8, 48), torch.randn(1, 2, 8, 48), torch.randn(1, 2, 8, 48)),
-     "head_dim=48"),
-    ("mixed dtypes", lambda: (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32).bfloat16(),
-                              torch.randn(1, 2, 8, 32)), "dtype"),
+    (
+        "length",
+        lambda: (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 9, 32), torch.randn(1, 2, 9, 32)),
+        "sequence length",
+    ),
+    (
+        "head_dim mismatch",
+        lambda: (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64)),
+        "head_dim",
+    ),
+    (
+        "heads",
+        lambda: (torch.randn(1, 3, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)),
+        "multiple of kv_heads",
+    ),
+    ("head_dim", lambda: (torch.randn(1, 2, 8, 48), torch.randn(1, 2, 8, 48), torch.randn(1, 2, 8, 48)), "head_dim=48"),
+    (
+        "mixed dtypes",
+        lambda: (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32).bfloat16(), torch.randn(1, 2, 8, 32)),
+        "dtype",
+    ),
     ("dtype", lambda: tuple(torch.randn(1, 2, 8, 32).half() for _ in range(3)), "float16"),
 ]
 
@@ -215,12 +229,14 @@ def test_mixed_devices_are_named():
 _BAD_KERNEL_INPUTS = [
     ("rank", (torch.randn(2, 8, 32),) * 3, "4-D"),
     ("kv shape", (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 1, 8, 32)), "same shape"),
-    ("heads", (torch.randn(1, 3, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)),
-     "multiple of kv_heads=2"),
+    ("heads", (torch.randn(1, 3, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)), "multiple of kv_heads=2"),
     ("length", (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 9, 32), torch.randn(1, 2, 9, 32)), "T=8"),
     ("head_dim", (torch.randn(1, 2, 8, 40),) * 3, "head_dim=40"),
-    ("mixed dtypes", (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32).double(), torch.randn(1, 2, 8, 32)),
-     "one dtype"),
+    (
+        "mixed dtypes",
+        (torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32).double(), torch.randn(1, 2, 8, 32)),
+        "one dtype",
+    ),
     ("dtype", (torch.randn(1, 2, 8, 32).half(),) * 3, "Half is not supported"),
 ]
 
@@ -267,8 +283,9 @@ def test_bench_counts_and_scales_the_reference(tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     out = tmp_path / "attention.json"
-    args = parser.parse_args(["--seq", "64", "--batch", "2", "--heads", "2", "--repeat", "1",
-                              "--reference-budget-gib", "1e-9"])
+    args = parser.parse_args(
+        ["--seq", "64", "--batch", "2", "--heads", "2", "--repeat", "1", "--reference-budget-gib", "1e-9"]
+    )
     args.out = str(out)
     assert bench.run(args) == 0
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}

@@ -197,8 +197,11 @@ def test_scale_must_be_a_number():
     q = torch.randn(1, 2, 8, 32)
     with pytest.raises(TypeError, match="scale must be a float"):
         causal_attention(q, q, q, scale="0.1")
-    assert math.isclose(float(causal_attention(q, q, q, scale=torch.tensor(0.5), backend="reference").sum()),
-                        float(causal_attention(q, q, q, scale=0.5, backend="reference").sum()), rel_tol=1e-6)
+    assert math.isclose(
+        float(causal_attention(q, q, q, scale=torch.tensor(0.5), backend="reference").sum()),
+        float(causal_attention(q, q, q, scale=0.5, backend="reference").sum()),
+        rel_tol=1e-6,
+    )
 
 
 @pytest.mark.gpu
@@ -219,8 +222,9 @@ def test_gpu_backend_order_prefers_triton(monkeypatch):
     """Automatic choice on CUDA tensors: triton (wgmma on Hopper) before cuda (mma.sync), see ops/backends.py."""
     monkeypatch.delenv("SSLSCALE_BACKEND", raising=False)
     usable = {"triton", "cuda", "reference"}
-    monkeypatch.setattr(backends, "availability",
-                        lambda op, name, device: backends.Availability(name in usable, "stand-in"))
+    monkeypatch.setattr(
+        backends, "availability", lambda op, name, device: backends.Availability(name in usable, "stand-in")
+    )
     assert backends.resolve("attention", None, torch.device("cuda")) == "triton"
     assert backends.resolve("infonce", None, torch.device("cuda")) == "triton"
     usable.discard("triton")

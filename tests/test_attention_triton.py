@@ -8,10 +8,12 @@ import torch
 
 from sslscale.ops import backends, causal_attention, reference
 
-pytestmark = [pytest.mark.skipif(
-    not backends.availability("attention", "triton", torch.device("cpu")).usable and not torch.cuda.is_available(),
-    reason="triton attention not usable here",
-)] + ([pytest.mark.gpu] if torch.cuda.is_available() else [])  # compiled on the device: a `make gpu-check` test
+pytestmark = [
+    pytest.mark.skipif(
+        not backends.availability("attention", "triton", torch.device("cpu")).usable and not torch.cuda.is_available(),
+        reason="triton attention not usable here",
+    )
+] + ([pytest.mark.gpu] if torch.cuda.is_available() else [])  # compiled on the device: a `make gpu-check` test
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Max error relative to the reference's largest magnitude: fp32 differs from fp64 by summation order only; bf16
@@ -88,8 +90,9 @@ def test_custom_scale_and_large_scores():
     out, lse = attn.attention_fwd(q, k, v, scale)
     dq, dk, dv = attn.attention_bwd(grad_out, q, k, v, out, lse, scale)
     assert torch.isfinite(out).all() and torch.isfinite(dq).all()
-    for name, got, ref in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv),
-                              _reference(q, k, v, grad_out, scale)):
+    for name, got, ref in zip(
+        ("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), _reference(q, k, v, grad_out, scale)
+    ):
         _assert_close(name, got, ref, 1e-5)
 
 

@@ -25,10 +25,17 @@ ARCHS = ("80", "90")
 
 # torch's CUDAExtension adds the first four, setup.py's nvcc flags then undo the half/bf16 ones
 NVCC_FLAGS = [
-    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
     "-D__CUDA_NO_HALF2_OPERATORS__",
-    "-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DSSLSCALE_WITH_CUDA",
-    "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-O3",
+    "-std=c++17",
+    "--use_fast_math",
+    "-lineinfo",
+    "-DSSLSCALE_WITH_CUDA",
+    "-U__CUDA_NO_HALF_OPERATORS__",
+    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
 ]
 
 
@@ -82,9 +89,17 @@ def test_cuda_binding_syntax(source: Path):
     if cuda_include is None:
         pytest.skip("CUDA headers (cuda_runtime_api.h) not found next to nvcc")
     cmd = [
-        _cxx(), "-fsyntax-only", "-std=c++17", "-w", str(source), f"-I{CSRC}", f"-I{source.parent}",
-        *(f"-I{p}" for p in include_paths()), f"-I{cuda_include}",
-        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DSSLSCALE_WITH_CUDA",
+        _cxx(),
+        "-fsyntax-only",
+        "-std=c++17",
+        "-w",
+        str(source),
+        f"-I{CSRC}",
+        f"-I{source.parent}",
+        *(f"-I{p}" for p in include_paths()),
+        f"-I{cuda_include}",
+        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+        "-DSSLSCALE_WITH_CUDA",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, _report(proc, " ".join(cmd))

@@ -52,8 +52,13 @@ def test_every_pipeline_yields_exactly_its_documented_keys(fm, bbc, captioned, n
 
 
 def test_a_new_pipeline_is_one_decorated_function(fm):
-    @register_pipeline("test_inverted", needs=("image",), optional=("label",), image_keys=("inverted",),
-                       keys={"inverted": "1 - image", "label": "int64 (B,)"})
+    @register_pipeline(
+        "test_inverted",
+        needs=("image",),
+        optional=("label",),
+        image_keys=("inverted",),
+        keys={"inverted": "1 - image", "label": "int64 (B,)"},
+    )
     def inverted(ctx, items, gen):
         return {"inverted": 1 - vision.to_float(ctx.images(items)), "label": ctx.labels(items)}
 

@@ -110,13 +110,13 @@ def test_a_flipped_header_byte_costs_one_sample_not_the_rest_of_the_shard(fm, tm
 
     info = ShardInfo(str(bad / name), str(bad / name), count=32)
     errors = ErrorCounter("skip")
-    raw = list(visit_shard(info, in_memory=True, order_seed=None, offset=0,
-                           opts=ReadOptions(verify=False), errors=errors))
+    raw = list(
+        visit_shard(info, in_memory=True, order_seed=None, offset=0, opts=ReadOptions(verify=False), errors=errors)
+    )
     assert len(raw) == 32 and sum("npy" in s for s in raw) == 31, "everything after the damage is recovered"
     assert errors.events == {"damaged_header": 1}
 
-    base = dict(shards=[str(bad / name)], pipeline="labeled", batch_size=31, num_workers=0, shuffle=False,
-                verify=False)
+    base = dict(shards=[str(bad / name)], pipeline="labeled", batch_size=31, num_workers=0, shuffle=False, verify=False)
     batches = list(read_all(StreamSpec(**base)))
     assert sum(len(b["label"]) for b in batches) == 31
     stream = build_stream(StreamSpec(**{**base, "shards": str(bad)}, corrupt="skip"))
@@ -134,12 +134,13 @@ def test_damaged_pax_headers_of_shardwriter_shards_recover(tmp_path):
     out = writer_shards(tmp_path / "pax", n_shards=1, per_shard=12, sizes=((12, 12),))
     tar = next(out.glob("*.tar"))
     data = bytearray(tar.read_bytes())
-    headers = [p for p in range(0, len(data), 512) if data[p + 257:p + 262] == b"ustar"]
-    assert data[headers[0] + 156:headers[0] + 157] == b"x", "ShardWriter writes PAX headers"
+    headers = [p for p in range(0, len(data), 512) if data[p + 257 : p + 262] == b"ustar"]
+    assert data[headers[0] + 156 : headers[0] + 157] == b"x", "ShardWriter writes PAX headers"
     data[headers[13] + 5] ^= 0x40  # sample 3's cls member header (pax, real) x (cls, jpg) per sample
     tar.write_bytes(bytes(data))
-    stream = build_stream(StreamSpec(shards=str(out), pipeline="labeled", batch_size=11, num_workers=0,
-                                     channels=3, shuffle=False))
+    stream = build_stream(
+        StreamSpec(shards=str(out), pipeline="labeled", batch_size=11, num_workers=0, channels=3, shuffle=False)
+    )
     labels = [int(y) for b in stream for y in b["label"]]
     assert sorted(labels) == [i for i in range(12) if i != 3]
     assert stream.stats["skipped"] == {"damaged_header": 1}
@@ -162,8 +163,11 @@ def test_malformed_samples_are_skipped_counted_and_resume_does_not_loop(fm, tmp_
     spec = dict(shards=str(bad), pipeline="labeled", batch_size=8, num_workers=0, seed=4, verify=False)
 
     # the failure: the old stream crashed in np.stack / torch.tensor at a fixed step, again after each resume
-    with pytest.raises(CorruptDataError, match=rf"bad_image in .*{name}: sample '{keys[0]}': image shape "
-                                               r"\(1, 32, 32\) differs"):
+    with pytest.raises(
+        CorruptDataError,
+        match=rf"bad_image in .*{name}: sample '{keys[0]}': image shape "
+        r"\(1, 32, 32\) differs",
+    ):
         list(read_all(StreamSpec(**spec, corrupt="fail", shuffle=False)))
 
     reference = list(build_stream(StreamSpec(**spec)))
@@ -189,8 +193,10 @@ def test_malformed_samples_are_skipped_counted_and_resume_does_not_loop(fm, tmp_
 
 
 # ------------------------------------------------------------------------------- manifests, bounded reads
-@pytest.mark.parametrize("name", ["../other/x.tar", "/etc/passwd", "/dev/zero", "sub/../../x.tar",
-                                  "http://evil/x.tar", "pipe:cat /etc/passwd"])
+@pytest.mark.parametrize(
+    "name",
+    ["../other/x.tar", "/etc/passwd", "/dev/zero", "sub/../../x.tar", "http://evil/x.tar", "pipe:cat /etc/passwd"],
+)
 def test_manifest_entries_are_confined_to_their_directory(fm, tmp_path, name):
     d = tmp_path / "escape"
     shutil.copytree(fm, d)
@@ -207,8 +213,11 @@ def test_bad_manifest_values_are_named(fm, tmp_path):
     manifest = json.loads((d / "manifest.json").read_text())
     manifest["shards"][1]["count"] = "lots"
     (d / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"entry 'fashion-mnist-test-000001.tar' has count='lots', expected an "
-                                         "integer >= 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"entry 'fashion-mnist-test-000001.tar' has count='lots', expected an "
+        "integer >= 0",
+    ):
         build_stream(StreamSpec(shards=str(d), pipeline="labeled", batch_size=8, num_workers=0))
 
 
@@ -216,12 +225,33 @@ def test_reads_are_bounded(fm, tmp_path):
     # a device given as a shard (not through a manifest) is streamed, never slurped: it ends at the zero blocks
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="gave no usable sample"):
-        list(build_stream(StreamSpec(shards=["/dev/zero"], pipeline="labeled", batch_size=8, num_workers=0,
-                                     mode="resampled", batches_per_epoch=1, channels=1, image_size=28)))
+        list(
+            build_stream(
+                StreamSpec(
+                    shards=["/dev/zero"],
+                    pipeline="labeled",
+                    batch_size=8,
+                    num_workers=0,
+                    mode="resampled",
+                    batches_per_epoch=1,
+                    channels=1,
+                    image_size=28,
+                )
+            )
+        )
     assert time.monotonic() - start < 30
     # a member above max_sample_mb is skipped unread and counted
-    stream = build_stream(StreamSpec(shards=str(fm), pipeline="labeled", batch_size=8, num_workers=0,
-                                     max_sample_mb=1e-4, mode="resampled", batches_per_epoch=1))
+    stream = build_stream(
+        StreamSpec(
+            shards=str(fm),
+            pipeline="labeled",
+            batch_size=8,
+            num_workers=0,
+            max_sample_mb=1e-4,
+            mode="resampled",
+            batches_per_epoch=1,
+        )
+    )
     with pytest.raises(RuntimeError, match="oversized_member"):
         list(stream)
     # a header declaring an 8 GiB member in a small file: skipped, reported as a cut, no 8 GiB read
@@ -232,8 +262,7 @@ def test_reads_are_bounded(fm, tmp_path):
     errors = ErrorCounter("skip")
     info = ShardInfo(str(tmp_path / "huge.tar"), str(tmp_path / "huge.tar"))
     start = time.monotonic()
-    assert list(visit_shard(info, in_memory=False, order_seed=None, offset=0, opts=ReadOptions(),
-                            errors=errors)) == []
+    assert list(visit_shard(info, in_memory=False, order_seed=None, offset=0, opts=ReadOptions(), errors=errors)) == []
     assert errors.events == {"truncated_shard": 1} and time.monotonic() - start < 5
 
 
@@ -244,8 +273,7 @@ def test_missing_shards_directory_names_the_cause(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"shards '{missing}': no such file or directory"):
         build_stream(StreamSpec(shards=str(missing), pipeline="simclr", batch_size=64, num_workers=0))
     with pytest.raises(FileNotFoundError, match=r"2 of 3 shards do not exist, first"):
-        build_stream(StreamSpec(shards=[str(missing / f"{i}.tar") for i in range(2)] + ["/dev/null"],
-                                num_workers=0))
+        build_stream(StreamSpec(shards=[str(missing / f"{i}.tar") for i in range(2)] + ["/dev/null"], num_workers=0))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no manifest.json and no \\*.tar files"):
         build_stream(StreamSpec(shards=str(tmp_path / "empty"), num_workers=0))
@@ -260,22 +288,54 @@ def test_unopenable_urls_are_named_with_their_cause(fm, tmp_path):
             build_stream(StreamSpec(shards=[url], pipeline="labeled", batch_size=8, num_workers=0))
         # resampled mode: a counted skip (the good shard keeps the stream going), or an error under `fail`
         good = f"{server.url}/{_names(fm)[0]}"
-        stream = build_stream(StreamSpec(shards=[url, good], pipeline="labeled", batch_size=8, num_workers=0,
-                                         mode="resampled", batches_per_epoch=12))
+        stream = build_stream(
+            StreamSpec(
+                shards=[url, good],
+                pipeline="labeled",
+                batch_size=8,
+                num_workers=0,
+                mode="resampled",
+                batches_per_epoch=12,
+            )
+        )
         assert len(list(stream)) == 12
         assert stream.stats["shard_errors"].get("unreadable_shard", 0) >= 1
         with pytest.raises(CorruptDataError, match=rf"unreadable_shard in {url}: .* status 22"):
-            list(build_stream(StreamSpec(shards=[url], pipeline="labeled", batch_size=8, num_workers=0,
-                                         mode="resampled", batches_per_epoch=1, corrupt="fail", channels=1,
-                                         image_size=28)))
+            list(
+                build_stream(
+                    StreamSpec(
+                        shards=[url],
+                        pipeline="labeled",
+                        batch_size=8,
+                        num_workers=0,
+                        mode="resampled",
+                        batches_per_epoch=1,
+                        corrupt="fail",
+                        channels=1,
+                        image_size=28,
+                    )
+                )
+            )
         with pytest.raises(ValueError, match=rf"cannot tell the image format .*{url}: .* status 22"):
             build_stream(StreamSpec(shards=[url], pipeline="labeled", mode="resampled", num_workers=0))
     finally:
         server.close()
     with pytest.raises(CorruptDataError, match=r"unreadable_shard in pipe:exit 3: .*`exit 3` exited with status 3"):
-        list(build_stream(StreamSpec(shards=["pipe:exit 3"], pipeline="labeled", batch_size=8, num_workers=0,
-                                     mode="resampled", batches_per_epoch=1, corrupt="fail", channels=1,
-                                     image_size=28)))
+        list(
+            build_stream(
+                StreamSpec(
+                    shards=["pipe:exit 3"],
+                    pipeline="labeled",
+                    batch_size=8,
+                    num_workers=0,
+                    mode="resampled",
+                    batches_per_epoch=1,
+                    corrupt="fail",
+                    channels=1,
+                    image_size=28,
+                )
+            )
+        )
 
 
 # --------------------------------------------------------------------------------------------- refills
@@ -286,8 +346,11 @@ def test_refills_are_counted_in_samples_and_warned_about(fm, tmp_path, caplog):
     totals: Counter = Counter()
     with caplog.at_level(logging.WARNING, logger="sslscale.data"):
         for rank in range(4):  # 4 readers of 2 shards each: one reader loses half its epoch
-            stream = build_stream(StreamSpec(shards=str(bad), pipeline="labeled", batch_size=8, num_workers=0,
-                                             refill_warn=0.1), rank=rank, world_size=4)
+            stream = build_stream(
+                StreamSpec(shards=str(bad), pipeline="labeled", batch_size=8, num_workers=0, refill_warn=0.1),
+                rank=rank,
+                world_size=4,
+            )
             assert len(list(stream)) == 8
             totals["refill_samples"] += stream.stats["refill_samples"]
             totals.update(stream.stats["skipped"])

@@ -46,15 +46,59 @@ def test_shards_hold_the_source_images(tmp_path_factory):
 
 
 def test_deterministic_given_seed(tmp_path):
-    a = cli_main(["shards", "--source", "mnist5k", "--split", "test", "--out", str(tmp_path / "a"),
-                  "--per-shard", "25", "--limit", "60", "--seed", "3"])
-    b = cli_main(["shards", "--source", "mnist5k", "--split", "test", "--out", str(tmp_path / "b"),
-                  "--per-shard", "25", "--limit", "60", "--seed", "3"])
-    c = cli_main(["shards", "--source", "mnist5k", "--split", "test", "--out", str(tmp_path / "c"),
-                  "--per-shard", "25", "--limit", "60", "--seed", "4"])
+    a = cli_main(
+        [
+            "shards",
+            "--source",
+            "mnist5k",
+            "--split",
+            "test",
+            "--out",
+            str(tmp_path / "a"),
+            "--per-shard",
+            "25",
+            "--limit",
+            "60",
+            "--seed",
+            "3",
+        ]
+    )
+    b = cli_main(
+        [
+            "shards",
+            "--source",
+            "mnist5k",
+            "--split",
+            "test",
+            "--out",
+            str(tmp_path / "b"),
+            "--per-shard",
+            "25",
+            "--limit",
+            "60",
+            "--seed",
+            "3",
+        ]
+    )
+    c = cli_main(
+        [
+            "shards",
+            "--source",
+            "mnist5k",
+            "--split",
+            "test",
+            "--out",
+            str(tmp_path / "c"),
+            "--per-shard",
+            "25",
+            "--limit",
+            "60",
+            "--seed",
+            "4",
+        ]
+    )
     assert a == b == c == 0
-    sha = {k: [s["sha256"] for s in json.loads((tmp_path / k / "manifest.json").read_text())["shards"]]
-           for k in "abc"}
+    sha = {k: [s["sha256"] for s in json.loads((tmp_path / k / "manifest.json").read_text())["shards"]] for k in "abc"}
     assert sha["a"] == sha["b"]
     assert sha["a"] != sha["c"]
 
@@ -63,8 +107,7 @@ def test_refuses_non_empty_dir_without_force(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    args = ["shards", "--source", "mnist5k", "--split", "test", "--out", str(out), "--per-shard", "10",
-            "--limit", "20"]
+    args = ["shards", "--source", "mnist5k", "--split", "test", "--out", str(out), "--per-shard", "10", "--limit", "20"]
     assert cli_main(args) == 2
     assert "not empty" in capsys.readouterr().err
     assert (out / "precious.txt").exists() and not (out / "manifest.json").exists()

@@ -57,8 +57,11 @@ def test_every_sample_once_per_epoch_and_equal_batches(fm, num_workers):
     seen: Counter = Counter()
     counts = []
     for rank in range(2):
-        stream = build_stream(StreamSpec(shards=str(fm), pipeline="labeled", batch_size=8, num_workers=num_workers,
-                                         seed=1), rank=rank, world_size=2)
+        stream = build_stream(
+            StreamSpec(shards=str(fm), pipeline="labeled", batch_size=8, num_workers=num_workers, seed=1),
+            rank=rank,
+            world_size=2,
+        )
         batches = list(stream)
         counts.append(len(batches))
         assert len(batches) == len(stream) == 16
@@ -73,8 +76,9 @@ def test_uneven_shards_still_give_equal_batch_counts(tmp_path_factory):
     out = shards(tmp_path_factory, "fashion-mnist", "test", per_shard=30, limit=170)  # 5x30 + 20
     counts = []
     for rank in range(2):
-        stream = build_stream(StreamSpec(shards=str(out), pipeline="labeled", batch_size=8, num_workers=0),
-                              rank=rank, world_size=2)
+        stream = build_stream(
+            StreamSpec(shards=str(out), pipeline="labeled", batch_size=8, num_workers=0), rank=rank, world_size=2
+        )
         for epoch in range(2):
             counts.append((len(list(stream)), stream.batches_per_epoch))
     assert len({c for c, _ in counts}) == 1, counts
@@ -98,8 +102,11 @@ def test_too_few_shards_for_readers(fm):
     with pytest.raises(ValueError, match=r"8 shards cannot feed 4 ranks x 3 workers = 12 readers"):
         build_stream(StreamSpec(shards=str(fm), batch_size=8, num_workers=3), rank=0, world_size=4)
     # resampled mode is the documented fallback
-    stream = build_stream(StreamSpec(shards=str(fm), batch_size=8, num_workers=0, mode="resampled",
-                                     batches_per_epoch=5), rank=3, world_size=4)
+    stream = build_stream(
+        StreamSpec(shards=str(fm), batch_size=8, num_workers=0, mode="resampled", batches_per_epoch=5),
+        rank=3,
+        world_size=4,
+    )
     assert len(list(stream)) == 5
 
 
@@ -131,8 +138,14 @@ def test_resume_in_new_process_is_exact(fm, tmp_path):
         state = stream.state_dict()
         assert state["next_worker"] == 1 and state["epoch"] == 0
         torch.save(state, tmp_path / "state.pt")
-        args = dict(spec=spec, rank=rank, world_size=2, n=n_next, state=str(tmp_path / "state.pt"),
-                    out=str(tmp_path / f"resumed{rank}.pt"))
+        args = dict(
+            spec=spec,
+            rank=rank,
+            world_size=2,
+            n=n_next,
+            state=str(tmp_path / "state.pt"),
+            out=str(tmp_path / f"resumed{rank}.pt"),
+        )
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         subprocess.run([sys.executable, "-c", RESUME_CHILD, json.dumps(args)], check=True, env=env, timeout=300)
         resumed = torch.load(tmp_path / f"resumed{rank}.pt")
@@ -184,8 +197,11 @@ def test_corrupt_data_skip_counts_and_keeps_batch_counts(fm, tmp_path):
     totals: Counter = Counter()
     events: Counter = Counter()
     for rank in range(2):
-        stream = build_stream(StreamSpec(shards=str(bad), pipeline="labeled", batch_size=8, num_workers=2,
-                                         corrupt="skip", verify=False), rank=rank, world_size=2)
+        stream = build_stream(
+            StreamSpec(shards=str(bad), pipeline="labeled", batch_size=8, num_workers=2, corrupt="skip", verify=False),
+            rank=rank,
+            world_size=2,
+        )
         batches = list(stream)
         assert len(batches) == 16, "a short rank would hang the collective"
         assert all(b["image"].shape[0] == 8 for b in batches)
@@ -201,9 +217,18 @@ def test_corrupt_data_fail_policy_raises(fm, tmp_path, num_workers):
     bad = _corrupt_copy(fm, tmp_path)
     found = False
     for rank in range(2):
-        stream = build_stream(StreamSpec(shards=str(bad), pipeline="labeled", batch_size=8,
-                                         num_workers=num_workers, corrupt="fail", shuffle=False),
-                              rank=rank, world_size=2)
+        stream = build_stream(
+            StreamSpec(
+                shards=str(bad),
+                pipeline="labeled",
+                batch_size=8,
+                num_workers=num_workers,
+                corrupt="fail",
+                shuffle=False,
+            ),
+            rank=rank,
+            world_size=2,
+        )
         try:
             list(stream)
         except CorruptDataError as e:

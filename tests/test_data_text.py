@@ -41,8 +41,9 @@ def test_mask_tokens_statistics():
 
 
 def test_mlm_and_nsp_streams(bbc):
-    mlm = next(iter(build_stream(StreamSpec(shards=str(bbc), pipeline="mlm", batch_size=16, num_workers=0,
-                                            seq_len=64))))
+    mlm = next(
+        iter(build_stream(StreamSpec(shards=str(bbc), pipeline="mlm", batch_size=16, num_workers=0, seq_len=64)))
+    )
     assert mlm["input_ids"].shape == (16, 64)
     assert (mlm["input_ids"][:, 0] == T.CLS_ID).all()
     real = mlm["attention_mask"].bool()
@@ -57,8 +58,8 @@ def test_mlm_and_nsp_streams(bbc):
         assert (unmasked_sep.sum(1) == 2).all(), "[CLS] A [SEP] B [SEP]"
         for row in range(16):
             seps = unmasked_sep[row].nonzero().flatten()
-            assert (types[row, : seps[0] + 1] == 0).all() and (types[row, seps[0] + 1: seps[1] + 1] == 1).all()
-            assert (types[row, seps[1] + 1:] == 0).all() and (ids[row, seps[1] + 1:] == T.PAD_ID).all()
+            assert (types[row, : seps[0] + 1] == 0).all() and (types[row, seps[0] + 1 : seps[1] + 1] == 1).all()
+            assert (types[row, seps[1] + 1 :] == 0).all() and (ids[row, seps[1] + 1 :] == T.PAD_ID).all()
 
 
 def test_nsp_pairs_come_from_the_right_documents():
@@ -68,7 +69,7 @@ def test_nsp_pairs_come_from_the_right_documents():
     for row in range(6):
         ids = batch["input_ids"][row]
         seps = (ids == T.SEP_ID).nonzero().flatten()
-        a, b = ids[1:seps[0]], ids[seps[0] + 1: seps[1]]
+        a, b = ids[1 : seps[0]], ids[seps[0] + 1 : seps[1]]
         doc_a = {(t - T.NUM_SPECIAL) // 100 for t in a.tolist()}
         doc_b = {(t - T.NUM_SPECIAL) // 100 for t in b.tolist()}
         assert doc_a == {row}
@@ -85,8 +86,9 @@ def test_clm_blocks_are_the_eos_separated_token_stream(bbc):
     for tar in sorted(bbc.glob("*.tar")):
         for fields in tar_samples(tar).values():
             expected += tok.encode(fields["txt"].decode()).ids + [T.EOS_ID]
-    stream = build_stream(StreamSpec(shards=str(bbc), pipeline="clm", batch_size=4, num_workers=0, seq_len=64,
-                                     shuffle=False))
+    stream = build_stream(
+        StreamSpec(shards=str(bbc), pipeline="clm", batch_size=4, num_workers=0, seq_len=64, shuffle=False)
+    )
     got = []
     for batch in stream:
         assert torch.equal(batch["labels"], batch["input_ids"])
@@ -116,7 +118,10 @@ def test_clm_equal_batches_and_exact_resume(bbc):
 
 
 def test_text_labeled_passes_labels(bbc):
-    batch = next(iter(build_stream(StreamSpec(shards=str(bbc), pipeline="text_labeled", batch_size=8,
-                                              num_workers=0, seq_len=32))))
+    batch = next(
+        iter(
+            build_stream(StreamSpec(shards=str(bbc), pipeline="text_labeled", batch_size=8, num_workers=0, seq_len=32))
+        )
+    )
     assert batch["label"].dtype == torch.int64 and batch["label"].max() < 5
     assert (batch["input_ids"][:, 0] == T.CLS_ID).all() and batch["input_ids"].shape == (8, 32)

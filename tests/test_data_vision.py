@@ -41,8 +41,9 @@ def test_augmentation_is_seeded(images):
 
 
 def _no_aug(**kw) -> vision.AugmentConfig:
-    base = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, blur_p=0.0,
-                solarize_p=0.0, noise_p=0.0)
+    base = dict(
+        crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, blur_p=0.0, solarize_p=0.0, noise_p=0.0
+    )
     return vision.AugmentConfig(**{**base, **kw})
 
 

@@ -42,8 +42,9 @@ def test_backend_env_override_and_bad_names(monkeypatch):
 
 
 def test_info_reports_versions_and_backends():
-    out = subprocess.run([sys.executable, "-m", "sslscale.cli", "info", "--json"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "sslscale.cli", "info", "--json"], capture_output=True, text=True, check=True
+    ).stdout
     info = json.loads(out)
     assert info["torch"] == torch.__version__
     assert info["extension"]["built"] is True

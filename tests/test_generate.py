@@ -30,12 +30,17 @@ PROMPT = torch.tensor([[7, 8, 9, 10, 11], [12, 3, 30, 30, 2]])
 
 
 @pytest.mark.parametrize("kw", [{}, {"positions": "rope", "kv_heads": 1, "norm": "rmsnorm"}], ids=["gpt2", "llama"])
-@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 0.9, "top_k": 10, "top_p": 0.9}],
-                         ids=["greedy", "sampled"])
+@pytest.mark.parametrize(
+    "sampling", [{"temperature": 0.0}, {"temperature": 0.9, "top_k": 10, "top_p": 0.9}], ids=["greedy", "sampled"]
+)
 def test_cached_decoding_equals_recomputing_the_prefix(kw, sampling):
     model = _model(**kw)
-    runs = [generate_ids(model, PROMPT, 20, generator=torch.Generator().manual_seed(5), use_cache=cache,
-                         stop_token=None, **sampling) for cache in (True, False)]
+    runs = [
+        generate_ids(
+            model, PROMPT, 20, generator=torch.Generator().manual_seed(5), use_cache=cache, stop_token=None, **sampling
+        )
+        for cache in (True, False)
+    ]
     assert runs[0].shape == (2, 25)
     assert torch.equal(runs[0], runs[1])
     assert torch.equal(runs[0][:, :5], PROMPT)
@@ -68,9 +73,20 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     return torch.tensor([v / sum(e) for v in e])
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"),
-                         [(1.0, None, None), (0.5, None, None), (2.0, None, None), (1.0, 3, None), (0.7, 2, None),
-                          (1.0, None, 0.8), (1.0, None, 0.3), (0.5, 4, 0.9), (1.0, 1, None)])
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [
+        (1.0, None, None),
+        (0.5, None, None),
+        (2.0, None, None),
+        (1.0, 3, None),
+        (0.7, 2, None),
+        (1.0, None, 0.8),
+        (1.0, None, 0.3),
+        (0.5, 4, 0.9),
+        (1.0, 1, None),
+    ],
+)
 def test_sampling_probabilities_follow_their_definitions(temperature, top_k, top_p):
     p = _softmax(LOGITS / temperature)  # definition by hand: temperature, then the filters, then renormalise
     keep = torch.ones(len(p), dtype=torch.bool)
@@ -134,8 +150,24 @@ def test_generate_command_prints_one_json_line_per_sample(exported, capsys):
     from sslscale.cli import main
 
     path, _ = exported
-    rc = main(["generate", str(path), "--prompt", "to be", "--max-new-tokens", "8", "--temperature", "0.8",
-               "--top-k", "5", "--num-samples", "2", "--seed", "3"])
+    rc = main(
+        [
+            "generate",
+            str(path),
+            "--prompt",
+            "to be",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "5",
+            "--num-samples",
+            "2",
+            "--seed",
+            "3",
+        ]
+    )
     assert rc == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["seed"] for r in lines] == [3, 4] and all(r["prompt"] == "to be" for r in lines)

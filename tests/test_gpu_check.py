@@ -24,12 +24,19 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 
 
 def _junit(path: Path, skips: int = 0, failures: int = 0) -> None:
-    skipped = "".join(f'<testcase classname="tests.test_infonce_cuda" name="test_{i}"><skipped message="needs a CUDA '
-                      f'device" type="pytest.skip"/></testcase>\n' for i in range(skips))
-    failed = "".join(f'<testcase classname="tests.test_attention" name="test_f{i}"><failure message="max error 1.0">'
-                     f'AssertionError</failure></testcase>\n' for i in range(failures))
-    path.write_text(JUNIT.format(failures=failures, skips=skips, tests=1 + skips + failures, skipped=skipped,
-                                 failed=failed))
+    skipped = "".join(
+        f'<testcase classname="tests.test_infonce_cuda" name="test_{i}"><skipped message="needs a CUDA '
+        f'device" type="pytest.skip"/></testcase>\n'
+        for i in range(skips)
+    )
+    failed = "".join(
+        f'<testcase classname="tests.test_attention" name="test_f{i}"><failure message="max error 1.0">'
+        f"AssertionError</failure></testcase>\n"
+        for i in range(failures)
+    )
+    path.write_text(
+        JUNIT.format(failures=failures, skips=skips, tests=1 + skips + failures, skipped=skipped, failed=failed)
+    )
 
 
 def test_junit_summary_and_judgement(tmp_path):
@@ -46,27 +53,44 @@ def test_junit_summary_and_judgement(tmp_path):
 
 
 def _args(tmp_path, **kw):
-    return argparse.Namespace(budget=60.0, skip_build=False, section=None, result=None,
-                              out=str(tmp_path / "gpu-check.json"), **kw)
+    return argparse.Namespace(
+        budget=60.0, skip_build=False, section=None, result=None, out=str(tmp_path / "gpu-check.json"), **kw
+    )
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """A machine that reports a GPU, builds fine and runs passing tests and benchmarks; tests override one probe."""
-    monkeypatch.setattr(gpu_check, "device_info", lambda: {
-        "torch": "2.x", "cuda": "13.0", "cuda_available": True, "device": "NVIDIA H200", "capability": "9.0",
-        "sms": 132, "memory_gib": 139.8})
+    monkeypatch.setattr(
+        gpu_check,
+        "device_info",
+        lambda: {
+            "torch": "2.x",
+            "cuda": "13.0",
+            "cuda_available": True,
+            "device": "NVIDIA H200",
+            "capability": "9.0",
+            "sms": 132,
+            "memory_gib": 139.8,
+        },
+    )
     monkeypatch.setattr(gpu_check, "build_extension", lambda capability, timeout: (0, "built"))
-    monkeypatch.setattr(gpu_check, "extension_status", lambda timeout: {
-        "with_cuda": True, "cuda_kernels": {"infonce_fwd": True, "attention_fwd": True}})
+    monkeypatch.setattr(
+        gpu_check,
+        "extension_status",
+        lambda timeout: {"with_cuda": True, "cuda_kernels": {"infonce_fwd": True, "attention_fwd": True}},
+    )
 
     def tests(timeout, junit):
         _junit(junit)
         return 0, "1 passed"
 
     monkeypatch.setattr(gpu_check, "run_tests", tests)
-    monkeypatch.setattr(gpu_check, "run_child", lambda name, timeout, extra: (0, {"tflops": 700.0} if name == "matmul"
-                                                                               else {"rows": []}, ""))
+    monkeypatch.setattr(
+        gpu_check,
+        "run_child",
+        lambda name, timeout, extra: (0, {"tflops": 700.0} if name == "matmul" else {"rows": []}, ""),
+    )
 
 
 def _report(tmp_path) -> dict:
@@ -81,8 +105,9 @@ def test_all_sections_pass_on_a_good_machine(fake_gpu, tmp_path, capsys):
 
 
 def test_an_extension_without_cuda_fails_the_check(fake_gpu, monkeypatch, tmp_path):
-    monkeypatch.setattr(gpu_check, "extension_status", lambda timeout: {
-        "with_cuda": False, "cuda_kernels": {"infonce_fwd": False}})
+    monkeypatch.setattr(
+        gpu_check, "extension_status", lambda timeout: {"with_cuda": False, "cuda_kernels": {"infonce_fwd": False}}
+    )
     assert gpu_check.run(_args(tmp_path)) == 1
     sections = _report(tmp_path)["sections"]
     assert sections["extension"]["status"] == "failed" and "without CUDA" in sections["extension"]["error"]
@@ -125,8 +150,9 @@ def test_out_directory_is_honoured(monkeypatch, tmp_path):
 def test_the_script_fails_without_a_device(tmp_path):
     """The real launcher on this GPU-less machine: non-zero exit, and a JSON saying why."""
     env = {**os.environ, "PYTHON": os.environ.get("PYTHON", __import__("sys").executable), "OUT": str(tmp_path)}
-    proc = subprocess.run(["bash", str(ROOT / "launchers" / "gpu_check.sh")], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launchers" / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=120
+    )
     if proc.returncode == 0:
         pytest.skip("a CUDA device is visible: the real check ran")  # never on the CPU CI machines
     report = json.loads((tmp_path / "gpu-check.json").read_text())

@@ -84,18 +84,38 @@ def test_occupancy_limits():
 
 
 def _row(**kw):
-    base = dict(backend="triton", op="infonce", kernel="forward", dtype="bf16", dim=256, config="c", threads=128,
-                registers=100, spill_bytes=0, stack_bytes=0, smem_bytes=1024, blocks_per_sm=2, limiter="registers",
-                shape="s", grid=[32, 32], programs=1024, waves=3.9, tensor_cores="wgmma", world=1,
-                blocks_per_sm_assumed=2)
+    base = dict(
+        backend="triton",
+        op="infonce",
+        kernel="forward",
+        dtype="bf16",
+        dim=256,
+        config="c",
+        threads=128,
+        registers=100,
+        spill_bytes=0,
+        stack_bytes=0,
+        smem_bytes=1024,
+        blocks_per_sm=2,
+        limiter="registers",
+        shape="s",
+        grid=[32, 32],
+        programs=1024,
+        waves=3.9,
+        tensor_cores="wgmma",
+        world=1,
+        blocks_per_sm_assumed=2,
+    )
     return {**base, **kw}
 
 
 def test_targets_name_their_misses():
     good = [_row(), _row(kernel="d_rows", blocks_per_sm=1, waves=7.8)]
     assert all(t["met"] for t in gpu_static.evaluate(good).values())
-    bad = good + [_row(op="attention", kernel="dq", dim=128, spill_bytes=40, world=None),
-                  _row(kernel="d_cols", waves=1.3, blocks_per_sm=3)]
+    bad = good + [
+        _row(op="attention", kernel="dq", dim=128, spill_bytes=40, world=None),
+        _row(kernel="d_cols", waves=1.3, blocks_per_sm=3),
+    ]
     targets = gpu_static.evaluate(bad)
     assert not targets["no_spills"]["met"] and "dq bf16 128" in targets["no_spills"]["misses"][0]
     assert not targets["infonce_two_waves_at_1024_pairs_world1"]["met"]

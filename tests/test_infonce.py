@@ -126,8 +126,12 @@ def test_cpp_kernel_dtypes_and_schedules(m, n, d, dtype, threads):
         torch.set_num_threads(before)
     assert loss.dtype == lse.dtype == acc
     assert d_rows.dtype == d_cols.dtype == dtype
-    for got, want, what in ((loss, want_loss, "loss"), (lse, want_lse, "lse"), (d_rows, want_dr, "d_rows"),
-                            (d_cols, want_dc, "d_cols")):
+    for got, want, what in (
+        (loss, want_loss, "loss"),
+        (lse, want_lse, "lse"),
+        (d_rows, want_dr, "d_rows"),
+        (d_cols, want_dc, "d_cols"),
+    ):
         _assert_close(got, want, CPP_TOL[dtype], what)
 
 
@@ -161,8 +165,9 @@ def _textbook(mode: str, a, b, t, normalize: bool):
         target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
         return torch.nn.functional.cross_entropy(logits, target)
     logits, target = a @ b.T / t, torch.arange(n)
-    return 0.5 * (torch.nn.functional.cross_entropy(logits, target)
-                  + torch.nn.functional.cross_entropy(logits.T, target))
+    return 0.5 * (
+        torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)
+    )
 
 
 def _op_case(name, device, mode, tau, dtype, b, d, normalize):
@@ -213,20 +218,21 @@ def test_op_without_normalize(name, device, mode, tau):
 
 # ---- autograd, opcheck, torch.compile on the C++ op ----
 
+
 def test_cpp_gradcheck_fp64():
     _require("cpp", CPU)
     gen = torch.Generator().manual_seed(3)
     rows = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     cols = torch.randn(9, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     pos, self_idx = _indices(6, 9, with_self=True, generator=gen)
-    assert torch.autograd.gradcheck(lambda r, c: torch.ops.sslscale.infonce_fwd(r, c, pos, self_idx)[0],
-                                    (rows, cols))
+    assert torch.autograd.gradcheck(lambda r, c: torch.ops.sslscale.infonce_fwd(r, c, pos, self_idx)[0], (rows, cols))
     a = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     for mode in ("simclr", "clip"):
-        assert torch.autograd.gradcheck(lambda x, y, t: infonce(x, y, mode=mode, temperature=t, backend="cpp"),
-                                        (a, b, tau))
+        assert torch.autograd.gradcheck(
+            lambda x, y, t: infonce(x, y, mode=mode, temperature=t, backend="cpp"), (a, b, tau)
+        )
 
 
 def _op_args(requires_grad: bool):
@@ -267,6 +273,7 @@ def test_cpp_under_torch_compile_fullgraph():
 
 # ---- bad input ----
 
+
 @pytest.mark.parametrize(
     "a, b, kwargs, error, match",
     [
@@ -281,10 +288,8 @@ def test_cpp_under_torch_compile_fullgraph():
         (torch.randn(4, 8), torch.randn(4, 8), {"temperature": float("nan")}, ValueError, "temperature"),
         (torch.randn(4, 8), torch.randn(4, 8), {"temperature": float("inf")}, ValueError, "temperature"),
         (torch.randn(4, 8), torch.randn(4, 8), {"temperature": torch.tensor(0.0)}, ValueError, "temperature"),
-        (torch.randn(4, 8), torch.randn(4, 8), {"temperature": torch.tensor(float("nan"))}, ValueError,
-         "temperature"),
-        (torch.randn(4, 8), torch.randn(4, 8), {"temperature": torch.tensor([0.1, 0.2])}, ValueError,
-         "temperature"),
+        (torch.randn(4, 8), torch.randn(4, 8), {"temperature": torch.tensor(float("nan"))}, ValueError, "temperature"),
+        (torch.randn(4, 8), torch.randn(4, 8), {"temperature": torch.tensor([0.1, 0.2])}, ValueError, "temperature"),
         (torch.randn(4, 8), torch.randn(4, 8), {"mode": "moco"}, ValueError, "moco"),
         (torch.randn(4, 8), torch.randn(4, 8), {"backend": "fastest"}, ValueError, "fastest"),
     ],

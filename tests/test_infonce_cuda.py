@@ -56,12 +56,16 @@ def test_cuda_rejects_bad_inputs_by_name():
         impl.infonce_fwd(rows, torch.randn(5, 8, device="cuda"), pos.int(), pos)
 
 
-@pytest.mark.parametrize("m,n,d,dtype", [
-    (300, 2000, 200, torch.bfloat16),   # column split, fp32 workspace accumulator (d > 128)
-    (2048, 2048, 96, torch.float16),    # splits with the register accumulator, fp16 with its g scaling
-    (130, 900, 1000, torch.float32),    # CUDA-core path, several feature chunks, workspace
-    (4100, 70, 64, torch.bfloat16),     # many row tiles, one column split
-], ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "m,n,d,dtype",
+    [
+        (300, 2000, 200, torch.bfloat16),  # column split, fp32 workspace accumulator (d > 128)
+        (2048, 2048, 96, torch.float16),  # splits with the register accumulator, fp16 with its g scaling
+        (130, 900, 1000, torch.float32),  # CUDA-core path, several feature chunks, workspace
+        (4100, 70, 64, torch.bfloat16),  # many row tiles, one column split
+    ],
+    ids=lambda v: str(v).replace("torch.", ""),
+)
 def test_cuda_splits_and_accumulators(m, n, d, dtype):
     """The split plans of a real device (partials combined afterwards) and both accumulators."""
     impl = _cuda_kernels()

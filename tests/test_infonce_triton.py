@@ -147,7 +147,9 @@ def test_bf16_gradient_tiles_stay_within_tolerance(monkeypatch):
     """On a GPU the backward rounds g (p - t) to bf16 before its second dot; emulate that rounding here (on a GPU
     this is the configuration it runs anyway)."""
     make = kernels.config
-    monkeypatch.setattr(kernels, "config", lambda d, dtype, interp=True: replace(make(d, dtype, interp), bf16_grad=True))
+    monkeypatch.setattr(
+        kernels, "config", lambda d, dtype, interp=True: replace(make(d, dtype, interp), bf16_grad=True)
+    )
     rows, cols, pos, self_idx, grad = _problem(130, 260, 96, torch.bfloat16, 20.0, True)
     _, lse = kernels.infonce_fwd(rows, cols, pos, self_idx)
     d_rows, d_cols = kernels.infonce_bwd(grad, rows, cols, pos, self_idx, lse)
@@ -194,8 +196,11 @@ def test_splits_and_accumulators_match_reference(monkeypatch, sms, register_acc)
     monkeypatch.setattr(kernels, "sm_count", lambda device: sms)
     if not register_acc:
         make = kernels.config
-        monkeypatch.setattr(kernels, "config",
-                            lambda d, dtype, interp=True: replace(make(d, dtype, interp), register_acc=False, block_d=32))
+        monkeypatch.setattr(
+            kernels,
+            "config",
+            lambda d, dtype, interp=True: replace(make(d, dtype, interp), register_acc=False, block_d=32),
+        )
     rows, cols, pos, self_idx, grad = _problem(200, 330, 80, torch.float32, 20.0, True, seed=3)
     loss, lse = kernels.infonce_fwd(rows, cols, pos, self_idx)
     d_rows, d_cols = kernels.infonce_bwd(grad, rows, cols, pos, self_idx, lse)

@@ -7,12 +7,15 @@ from safetensors.torch import save_file
 from sslscale.models import build_encoder, build_head, encoder_from_config, load_encoder, read_metadata, save_encoder
 
 
-@pytest.mark.parametrize("name,kwargs,out_dim", [
-    ("convnet_small", {}, 256),
-    ("convnet_small", {"widths": [8, 16], "strides": [2, 1]}, 16),
-    ("resnet_small", {}, 128),
-    ("resnet_small", {"stem_width": 8, "widths": [8, 12], "strides": [1, 2], "blocks": 2, "in_channels": 3}, 12),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,out_dim",
+    [
+        ("convnet_small", {}, 256),
+        ("convnet_small", {"widths": [8, 16], "strides": [2, 1]}, 16),
+        ("resnet_small", {}, 128),
+        ("resnet_small", {"stem_width": 8, "widths": [8, 12], "strides": [1, 2], "blocks": 2, "in_channels": 3}, 12),
+    ],
+)
 def test_encoder_shapes_and_config_round_trip(name, kwargs, out_dim):
     enc = build_encoder(name, **kwargs)
     assert enc.out_dim == out_dim
@@ -85,8 +88,11 @@ def test_load_rejects_mismatched_weights(tmp_path):
     path = str(tmp_path / "enc.safetensors")
     save_encoder(enc, path)
     other = build_encoder("convnet_small", widths=[8, 8, 8], strides=[2, 2, 1])
-    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, path,
-              metadata={"sslscale": json.dumps({"encoder": other.config})})
+    save_file(
+        {k: v.contiguous() for k, v in enc.state_dict().items()},
+        path,
+        metadata={"sslscale": json.dumps({"encoder": other.config})},
+    )
     with pytest.raises(ValueError, match="missing keys"):
         load_encoder(path)
 

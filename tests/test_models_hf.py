@@ -67,8 +67,7 @@ def test_bert_layout_gives_the_same_hidden_states_and_head_logits(tmp_path, toke
         assert not info["missing_keys"] and not info["unexpected_keys"]
         out = full.eval()(ids, attention_mask=mask, token_type_ids=types)
         torch.testing.assert_close(out.prediction_logits, model.mlm_head(ours), rtol=1e-5, atol=2e-5)
-        torch.testing.assert_close(out.seq_relationship_logits, model.nsp_head(model.pool(ours)), rtol=1e-5,
-                                   atol=2e-5)
+        torch.testing.assert_close(out.seq_relationship_logits, model.nsp_head(model.pool(ours)), rtol=1e-5, atol=2e-5)
 
 
 def test_tokenizer_loads_with_its_special_tokens(tmp_path, tokenizer_file):
@@ -81,16 +80,20 @@ def test_tokenizer_loads_with_its_special_tokens(tmp_path, tokenizer_file):
 
 
 def test_architectures_hf_cannot_express_are_rejected_with_reasons(tmp_path):
-    model = build_encoder("gpt", vocab_size=50, max_seq_len=16, dim=128, depth=1, heads=4, kv_heads=2,
-                          positions="rope", norm="rmsnorm")
+    model = build_encoder(
+        "gpt", vocab_size=50, max_seq_len=16, dim=128, depth=1, heads=4, kv_heads=2, positions="rope", norm="rmsnorm"
+    )
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel: positions='rope'.*norm='rmsnorm'.*kv_heads=2 != heads=4"):
         save_hf(model, tmp_path)
     with pytest.raises(ValueError, match="activation='swiglu'.*bias=False"):
-        save_hf(build_encoder("gpt", vocab_size=50, max_seq_len=16, dim=64, depth=1, heads=2, bias=False,
-                              activation="swiglu"), tmp_path)
+        save_hf(
+            build_encoder(
+                "gpt", vocab_size=50, max_seq_len=16, dim=64, depth=1, heads=2, bias=False, activation="swiglu"
+            ),
+            tmp_path,
+        )
     with pytest.raises(ValueError, match="pooler=False"):
-        save_hf(build_encoder("bert", vocab_size=50, max_seq_len=16, dim=64, depth=1, heads=2, pooler=False),
-                tmp_path)
+        save_hf(build_encoder("bert", vocab_size=50, max_seq_len=16, dim=64, depth=1, heads=2, pooler=False), tmp_path)
     with pytest.raises(TypeError, match="GPT or BERT"):
         save_hf(build_encoder("convnet_small"), tmp_path)
     assert not (tmp_path / "model.safetensors").exists()

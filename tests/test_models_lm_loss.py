@@ -137,8 +137,8 @@ def test_memory_below_the_plain_loss():
 
     held_plain = _held_bytes(lambda: plain(*_leaves(hidden, weight)))
     held_chunked = _held_bytes(lambda: chunked(*_leaves(hidden, weight)))
-    assert held_plain >= logits_bytes                   # the plain loss keeps (N, V) log-probabilities
-    assert held_chunked <= inputs_bytes                 # chunked: dh and dW, the size of its inputs
+    assert held_plain >= logits_bytes  # the plain loss keeps (N, V) log-probabilities
+    assert held_chunked <= inputs_bytes  # chunked: dh and dW, the size of its inputs
     run(chunked)  # warm up allocator pools
     run(plain)
     peak_chunked = peak_extra_bytes(lambda: run(chunked), torch.device("cpu"))
@@ -156,7 +156,8 @@ def test_lm_head_module_logits_loss_and_tying():
     h, y = torch.randn(2, 9, 16), torch.randint(0, 50, (2, 9))
     torch.testing.assert_close(head(h), h @ emb.weight.T + head.bias)
     torch.testing.assert_close(head(h, y), _plain(h, emb.weight, y, head.bias), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(head(h, y, reduction="sum"), _plain(h, emb.weight, y, head.bias, "sum"),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        head(h, y, reduction="sum"), _plain(h, emb.weight, y, head.bias, "sum"), rtol=1e-5, atol=1e-4
+    )
     with pytest.raises(ValueError, match="tied embedding has shape"):
         LMHead(16, 51, tied_to=emb)

@@ -22,14 +22,19 @@ CASES = {
     "resnet_small": ({"stem_width": 4, "widths": [4, 8], "strides": [1, 2]}, lambda: (torch.rand(2, 1, 8, 8),)),
     "resnet": ({"depth": 18, "width": 4, "stem": "cifar", "in_channels": 1}, lambda: (torch.rand(2, 1, 8, 8),)),
     "vit": ({k: v for k, v in TINY_VIT.items() if k != "name"}, lambda: (torch.rand(2, 1, 8, 8),)),
-    "gpt": ({"vocab_size": V, "max_seq_len": 8, "dim": 64, "depth": 1, "heads": 2},
-            lambda: (torch.randint(0, V, (2, 8)),)),
-    "bert": ({"vocab_size": V, "max_seq_len": 8, "dim": 64, "depth": 1, "heads": 2},
-             lambda: (torch.randint(0, V, (2, 8)),)),
-    "text_transformer": ({k: v for k, v in TINY_TEXT.items() if k != "name"},
-                         lambda: (torch.randint(0, V, (2, 8)),)),
-    "clip": ({"image_encoder": TINY_VIT, "text_encoder": TINY_TEXT, "embed_dim": 16},
-             lambda: (torch.rand(2, 1, 8, 8), torch.randint(0, V, (2, 8)))),
+    "gpt": (
+        {"vocab_size": V, "max_seq_len": 8, "dim": 64, "depth": 1, "heads": 2},
+        lambda: (torch.randint(0, V, (2, 8)),),
+    ),
+    "bert": (
+        {"vocab_size": V, "max_seq_len": 8, "dim": 64, "depth": 1, "heads": 2},
+        lambda: (torch.randint(0, V, (2, 8)),),
+    ),
+    "text_transformer": ({k: v for k, v in TINY_TEXT.items() if k != "name"}, lambda: (torch.randint(0, V, (2, 8)),)),
+    "clip": (
+        {"image_encoder": TINY_VIT, "text_encoder": TINY_TEXT, "embed_dim": 16},
+        lambda: (torch.rand(2, 1, 8, 8), torch.randint(0, V, (2, 8))),
+    ),
 }
 
 

@@ -21,7 +21,7 @@ PUBLISHED = {
     "vit_b16": 85_798_656,
     "gpt2_124m": 124_439_808,
     "gpt2_350m": 354_823_168,
-    "bert_base": 109_482_240,      # BertModel incl. pooler; the MLM/NSP heads are counted separately below
+    "bert_base": 109_482_240,  # BertModel incl. pooler; the MLM/NSP heads are counted separately below
     "clip_vit_b16": 149_620_737,
 }
 BERT_PRETRAINING_HEADS = 624_188  # BertForPreTraining - BertModel: MLM transform + decoder bias + NSP
@@ -62,7 +62,11 @@ def test_tied_embeddings_are_counted_once_and_untied_adds_the_head():
 
 def test_out_dims_of_the_real_sizes():
     assert {s: _build(s).out_dim for s in ("resnet18", "resnet50", "vit_b16", "clip_vit_b16")} == {
-        "resnet18": 512, "resnet50": 2048, "vit_b16": 768, "clip_vit_b16": 512}
+        "resnet18": 512,
+        "resnet50": 2048,
+        "vit_b16": 768,
+        "clip_vit_b16": 512,
+    }
 
 
 def test_small_presets():
@@ -77,7 +81,17 @@ def test_llama_style_gpt_count_by_hand():
     hidden = 2048
     per_block = d * (12 + 2 * 4) * hd + 12 * hd * d + d * 2 * hidden + hidden * d + 2 * d
     with torch.device("meta"):
-        model = build_encoder("gpt", vocab_size=vocab, dim=d, depth=depth, heads=12, kv_heads=4, positions="rope",
-                              norm="rmsnorm", bias=False, activation="swiglu")
+        model = build_encoder(
+            "gpt",
+            vocab_size=vocab,
+            dim=d,
+            depth=depth,
+            heads=12,
+            kv_heads=4,
+            positions="rope",
+            norm="rmsnorm",
+            bias=False,
+            activation="swiglu",
+        )
     assert model.blocks[0].mlp.proj.in_features == hidden
     assert _count(model) == depth * per_block + vocab * d + d

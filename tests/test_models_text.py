@@ -30,8 +30,15 @@ def _perturb(model, scale=0.05):
     return model
 
 
-LLAMA = {"positions": "rope", "norm": "rmsnorm", "activation": "swiglu", "bias": False, "heads": 4, "kv_heads": 2,
-         "dim": 128}
+LLAMA = {
+    "positions": "rope",
+    "norm": "rmsnorm",
+    "activation": "swiglu",
+    "bias": False,
+    "heads": 4,
+    "kv_heads": 2,
+    "dim": 128,
+}
 
 
 @pytest.mark.parametrize("kw", [{}, LLAMA, {"tie_embeddings": False}], ids=["gpt2", "llama", "untied"])
@@ -45,9 +52,12 @@ def test_gpt_loss_equals_plain_cross_entropy_on_its_logits(kw):
     plain = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(model(ids[:, :-1], targets), plain, rtol=1e-5, atol=1e-5)
     hidden = model.hidden_states(ids[:, :-1])
-    torch.testing.assert_close(model.lm_head(hidden, targets, reduction="sum"),
-                               F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), reduction="sum"),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        model.lm_head(hidden, targets, reduction="sum"),
+        F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), reduction="sum"),
+        rtol=1e-5,
+        atol=1e-4,
+    )
 
 
 def _loss_and_grads(model, ids):
@@ -61,10 +71,16 @@ def _usable(backend):
     return backends.availability("attention", backend, torch.device("cpu")).usable
 
 
-@pytest.mark.parametrize("backend,kw", [
-    ("cpp", {}), ("cpp", LLAMA), ("reference", LLAMA),
-    pytest.param("triton", {"depth": 1}, marks=pytest.mark.skipif(not _usable("triton"), reason="no triton")),
-], ids=["cpp-gpt2", "cpp-llama", "reference-llama", "triton-interpreted"])
+@pytest.mark.parametrize(
+    "backend,kw",
+    [
+        ("cpp", {}),
+        ("cpp", LLAMA),
+        ("reference", LLAMA),
+        pytest.param("triton", {"depth": 1}, marks=pytest.mark.skipif(not _usable("triton"), reason="no triton")),
+    ],
+    ids=["cpp-gpt2", "cpp-llama", "reference-llama", "triton-interpreted"],
+)
 def test_gpt_attention_backends_equal_sdpa_on_the_same_weights(backend, kw):
     if not _usable(backend):
         pytest.skip(f"{backend} attention not usable here")
@@ -112,10 +128,10 @@ def test_kv_cache_decode_equals_the_full_forward_token_by_token(kw):
     with torch.no_grad():
         full = model(ids)
         cache = model.new_cache(2)
-        steps = [model(ids[:, :5], cache=cache)]              # prefill (the model's causal kernel)
-        steps.append(model(ids[:, 5:8], cache=cache))         # a 3-token chunk after a prefix (offset mask)
-        for t in range(8, 14):                                 # one token at a time
-            steps.append(model(ids[:, t:t + 1], cache=cache))
+        steps = [model(ids[:, :5], cache=cache)]  # prefill (the model's causal kernel)
+        steps.append(model(ids[:, 5:8], cache=cache))  # a 3-token chunk after a prefix (offset mask)
+        for t in range(8, 14):  # one token at a time
+            steps.append(model(ids[:, t : t + 1], cache=cache))
     assert cache.length == 14
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
 
@@ -224,8 +240,9 @@ def test_bert_heads_mlm_loss_pooler_and_nsp():
     labels[0, 5] = ids[0, 5]
     logits = model.mlm_head(h)
     assert logits.shape == (3, 10, V)
-    torch.testing.assert_close(model.mlm_head(h, labels),
-                               F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model.mlm_head(h, labels), F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1)), rtol=1e-5, atol=1e-5
+    )
     assert model.mlm_head.decoder.weight is model.embeddings.word.weight
     pooled = model.encode(ids)
     torch.testing.assert_close(pooled, torch.tanh(model.pooler.dense(h[:, 0])))

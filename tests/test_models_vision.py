@@ -17,11 +17,14 @@ def _same_architecture(a, b):
     return {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
 
 
-@pytest.mark.parametrize("depth,stem,channels,size,out_dim", [
-    (18, "cifar", 1, 28, 64),
-    (18, "imagenet", 3, 64, 64),
-    (50, "cifar", 3, 16, 256),
-])
+@pytest.mark.parametrize(
+    "depth,stem,channels,size,out_dim",
+    [
+        (18, "cifar", 1, 28, 64),
+        (18, "imagenet", 3, 64, 64),
+        (50, "cifar", 3, 16, 256),
+    ],
+)
 def test_resnet_shapes_stems_and_config(depth, stem, channels, size, out_dim):
     enc = build_encoder("resnet", depth=depth, stem=stem, in_channels=channels, width=8)
     assert enc.out_dim == out_dim
@@ -63,11 +66,17 @@ def _grads(model, x):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name,kwargs,shape", [
-    ("resnet", {"depth": 18, "width": 4, "stem": "cifar", "in_channels": 1}, (2, 1, 8, 8)),
-    ("vit", {"size": "cpu_tiny", "image_size": 16, "patch_size": 4, "in_channels": 1, "dropout": 0.1},
-     (3, 1, 16, 16)),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,shape",
+    [
+        ("resnet", {"depth": 18, "width": 4, "stem": "cifar", "in_channels": 1}, (2, 1, 8, 8)),
+        (
+            "vit",
+            {"size": "cpu_tiny", "image_size": 16, "patch_size": 4, "in_channels": 1, "dropout": 0.1},
+            (3, 1, 16, 16),
+        ),
+    ],
+)
 def test_activation_checkpointing_gives_the_same_gradients(name, kwargs, shape):
     plain = build_encoder(name, **kwargs).train()
     ckpt = build_encoder(name, **kwargs).train()
@@ -156,8 +165,9 @@ def test_mae_visible_forward_equals_full_forward_when_nothing_is_masked():
     perm = torch.stack([torch.randperm(16), torch.randperm(16)])
     part = enc.forward_features(x, perm)
     torch.testing.assert_close(part[:, 0], full[:, 0], rtol=1e-5, atol=1e-5)  # class token
-    torch.testing.assert_close(part[:, 1:], full[:, 1:].gather(1, perm[:, :, None].expand(-1, -1, 64)),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        part[:, 1:], full[:, 1:].gather(1, perm[:, :, None].expand(-1, -1, 64)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_mae_visible_forward_equals_a_plain_reference():

@@ -24,11 +24,14 @@ def _train(rank: int, world: int, stage: int) -> tuple[list[float], dict[str, to
     prepare_runtime()
     torch.manual_seed(0)
     model = build_encoder("gpt", **GPT_KW)
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-              "steps_per_print": 10_000}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-                                      config=config)
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10_000,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), config=config)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own micro-batch, the same every step
     ids = torch.randint(0, GPT_KW["vocab_size"], (2, 13), generator=gen)
     losses = []

@@ -20,8 +20,9 @@ def _views(n=6):
 
 
 def test_simclr_loss_equals_reference_nt_xent_on_projections():
-    obj = build_objective("simclr", _tiny_encoder(), proj_hidden_dim=32, proj_dim=16, temperature=0.3,
-                          backend="reference")
+    obj = build_objective(
+        "simclr", _tiny_encoder(), proj_hidden_dim=32, proj_dim=16, temperature=0.3, backend="reference"
+    )
     assert isinstance(obj, Objective) and obj.batch_keys == ("view1", "view2")
     batch = _views()
     loss, metrics = obj(batch)
@@ -77,8 +78,9 @@ CTX = SetupContext(zero_stage=0, world_size=1, rank=0, dtype=torch.float32, devi
 
 
 def _step(step, total=10, skipped=False, forwards=(True,)):
-    return StepContext(step=step, total_steps=total, zero_stage=0, world_size=1, rank=0, skipped=skipped,
-                       forwards=forwards)
+    return StepContext(
+        step=step, total_steps=total, zero_stage=0, world_size=1, rank=0, skipped=skipped, forwards=forwards
+    )
 
 
 def _byol(**kw):
@@ -239,7 +241,7 @@ def test_ema_in_bf16_keeps_an_fp32_shadow_that_tracks_the_fp32_ema():
         naive.mul_(m).add_(owner.online.weight.detach(), alpha=1 - m)
     err = (owner.target.weight.detach().float() - exact).abs().max()
     naive_err = (naive.float() - exact).abs().max()
-    ulp = exact.abs().max() * 2 ** -7
+    ulp = exact.abs().max() * 2**-7
     assert err <= ulp  # within one bf16 rounding of the fp32 EMA
     assert naive_err > 10 * err  # what a plain bf16 EMA loses
 

@@ -93,7 +93,7 @@ def _fake_fashion(tmp_path, n_train=300, n_test=100):
         x = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
         for i, c in enumerate(y):
             r, col = divmod(int(c), 2)
-            x[i, r * 14:(r + 1) * 14, col * 14:(col + 1) * 14] += 150
+            x[i, r * 14 : (r + 1) * 14, col * 14 : (col + 1) * 14] += 150
         _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", x, 0x08)
         _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", y, 0x08)
     return tmp_path
@@ -102,7 +102,7 @@ def _fake_fashion(tmp_path, n_train=300, n_test=100):
 def test_idx_reader_round_trip(tmp_path):
     d = _fake_fashion(tmp_path)
     x, y = load_split(data_dir=str(d), split="test")
-    assert x.shape == (100, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert x.shape == (100, 1, 28, 28) and x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
     assert torch.equal(y, torch.arange(100) % 4)
     assert read_idx(str(d / "t10k-labels-idx1-ubyte")).shape == (100,)
     (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
@@ -118,8 +118,22 @@ def test_evaluate_command_table_and_json(tmp_path, capsys):
     path = str(tmp_path / "enc.safetensors")
     save_encoder(enc, path)
     out = str(tmp_path / "res.json")
-    rc = main(["evaluate", path, "--data-dir", str(d), "--labels-per-class", "5", "--seeds", "2", "--bn", "auto",
-               "--json", out])
+    rc = main(
+        [
+            "evaluate",
+            path,
+            "--data-dir",
+            str(d),
+            "--labels-per-class",
+            "5",
+            "--seeds",
+            "2",
+            "--bn",
+            "auto",
+            "--json",
+            out,
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     for label in ("pretrained", "random init", "raw pixels", "5 labels/class"):

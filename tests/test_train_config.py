@@ -19,19 +19,22 @@ def test_unknown_key_names_nearest_valid_one(tmp_path):
         config.load(path)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optimizer.lr=fast", r"optimizer.lr: expected a number, got str 'fast'"),
-    ("zero.stage=4", r"zero.stage: 4 is out of range; expected one of 0, 1, 2, 3"),
-    ("zero.stage=2.5", r"zero.stage: expected an integer"),
-    ("precision=fp8", r"precision: 'fp8' is not allowed; expected one of \['fp32', 'bf16', 'fp16'\]"),
-    ("logging.tensorboard=yes please", r"logging.tensorboard: expected true or false"),
-    ("optimizer.betas=[0.9]", r"optimizer.betas: expected a list of 2 values"),
-    ("data.batch_size=0", r"data: need batch_size >= 1"),
-    ("checkpoint.every=0", r"checkpoint.every: 0 is out of range; expected >= 1"),
-    ("grad_acum=2", r"unknown key 'grad_acum'.*'grad_accum'"),
-    ("optimizer.lr.x=1", r"'optimizer.lr' is a value, not a section"),
-    ("optimizer.lr", r"expected KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lr=fast", r"optimizer.lr: expected a number, got str 'fast'"),
+        ("zero.stage=4", r"zero.stage: 4 is out of range; expected one of 0, 1, 2, 3"),
+        ("zero.stage=2.5", r"zero.stage: expected an integer"),
+        ("precision=fp8", r"precision: 'fp8' is not allowed; expected one of \['fp32', 'bf16', 'fp16'\]"),
+        ("logging.tensorboard=yes please", r"logging.tensorboard: expected true or false"),
+        ("optimizer.betas=[0.9]", r"optimizer.betas: expected a list of 2 values"),
+        ("data.batch_size=0", r"data: need batch_size >= 1"),
+        ("checkpoint.every=0", r"checkpoint.every: 0 is out of range; expected >= 1"),
+        ("grad_acum=2", r"unknown key 'grad_acum'.*'grad_accum'"),
+        ("optimizer.lr.x=1", r"'optimizer.lr' is a value, not a section"),
+        ("optimizer.lr", r"expected KEY=VALUE"),
+    ],
+)
 def test_bad_values_are_errors_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         config.load(None, [override])
@@ -40,10 +43,20 @@ def test_bad_values_are_errors_naming_the_key(override, message):
 def test_set_overrides_are_typed_and_win_over_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optimizer: {lr: 0.5}\nzero: {stage: 1}\n")
-    cfg = config.load(path, ["optimizer.lr=1e-3", "zero.stage=3", "optimizer.betas=[0.8, 0.95]",
-                             "data.image_size=32", "data.augment.crop_scale=[0.5, 1]", "precision=bf16",
-                             "objective.kwargs.temperature=1", "model.encoder_kwargs.widths=[8, 16]",
-                             "model.encoder_kwargs.strides=[2, 2]"])
+    cfg = config.load(
+        path,
+        [
+            "optimizer.lr=1e-3",
+            "zero.stage=3",
+            "optimizer.betas=[0.8, 0.95]",
+            "data.image_size=32",
+            "data.augment.crop_scale=[0.5, 1]",
+            "precision=bf16",
+            "objective.kwargs.temperature=1",
+            "model.encoder_kwargs.widths=[8, 16]",
+            "model.encoder_kwargs.strides=[2, 2]",
+        ],
+    )
     assert cfg.optimizer.lr == 1e-3 and isinstance(cfg.optimizer.lr, float)
     assert cfg.zero.stage == 3 and cfg.optimizer.betas == (0.8, 0.95)
     assert cfg.data.image_size == 32 and cfg.data.augment.crop_scale == (0.5, 1.0) and cfg.precision == "bf16"
@@ -104,24 +117,34 @@ def test_yaml_comments_document_every_key(recipe):
 
 # ---- typed component configs: every key at every depth, checked at load ----
 
-@pytest.mark.parametrize("override, message", [
-    ("objective.kwargs.temprature=0.1", r"unknown key 'objective.kwargs.temprature'; did you mean 'temperature'\?"),
-    ("data.augment.crop_scal=[0.2, 1]", r"unknown key 'data.augment.crop_scal'; did you mean 'crop_scale'\?"),
-    ("model.encoder_kwargs.widht=3", r"unknown key 'model.encoder_kwargs.widht'; did you mean 'widths'\?"),
-    ("data.extra.augment.crop_scale=[0.2, 1]", r"'data.extra' is no longer a config key: .*data.augment.crop_scale"),
-    ("model.head=mlp", r"'model.head' is no longer a config key: .*objective.kwargs"),
-    ("objective.kwargs.temperature=hot", r"objective.kwargs.temperature: expected a number, got str 'hot'"),
-    ("model.encoder_kwargs.widths=32", r"model.encoder_kwargs.widths: expected a list, got int 32"),
-    ("data.augment.flip_p=often", r"data.augment.flip_p: expected a number, got str 'often'"),
-    ("data.mode=sometimes", r"data.mode: 'sometimes' is not allowed; expected one of \['epoch', 'resampled'\]"),
-    ("data.seed=3", r"'data.seed' is no longer a config key: .*top-level `seed`"),
-    ("objective.name=simclrr", r"objective.name: unknown objective 'simclrr' \(did you mean 'simclr'\?\)"),
-    ("model.encoder=convnet_smal", r"model.encoder: unknown encoder 'convnet_smal' \(did you mean 'convnet_small'"),
-    ("optimizer.name=adam", r"optimizer.name: 'adam' is not allowed; expected one of \['adamw', 'sgd', 'lars'\]"),
-    ("data.builder_kwargs.pool=2", r"unknown key 'data.builder_kwargs.pool'; this section takes no keys"),
-    ("optimizer.colour=red", r"unknown key 'optimizer.colour'; expected one of 'betas', "),  # nothing close
-    ("data.builder=sslscale.train.build:build_strem", r"has no callable 'build_strem'; did you mean 'build_stream'"),
-])
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("objective.kwargs.temprature=0.1", r"unknown key 'objective.kwargs.temprature'; did you mean 'temperature'\?"),
+        ("data.augment.crop_scal=[0.2, 1]", r"unknown key 'data.augment.crop_scal'; did you mean 'crop_scale'\?"),
+        ("model.encoder_kwargs.widht=3", r"unknown key 'model.encoder_kwargs.widht'; did you mean 'widths'\?"),
+        (
+            "data.extra.augment.crop_scale=[0.2, 1]",
+            r"'data.extra' is no longer a config key: .*data.augment.crop_scale",
+        ),
+        ("model.head=mlp", r"'model.head' is no longer a config key: .*objective.kwargs"),
+        ("objective.kwargs.temperature=hot", r"objective.kwargs.temperature: expected a number, got str 'hot'"),
+        ("model.encoder_kwargs.widths=32", r"model.encoder_kwargs.widths: expected a list, got int 32"),
+        ("data.augment.flip_p=often", r"data.augment.flip_p: expected a number, got str 'often'"),
+        ("data.mode=sometimes", r"data.mode: 'sometimes' is not allowed; expected one of \['epoch', 'resampled'\]"),
+        ("data.seed=3", r"'data.seed' is no longer a config key: .*top-level `seed`"),
+        ("objective.name=simclrr", r"objective.name: unknown objective 'simclrr' \(did you mean 'simclr'\?\)"),
+        ("model.encoder=convnet_smal", r"model.encoder: unknown encoder 'convnet_smal' \(did you mean 'convnet_small'"),
+        ("optimizer.name=adam", r"optimizer.name: 'adam' is not allowed; expected one of \['adamw', 'sgd', 'lars'\]"),
+        ("data.builder_kwargs.pool=2", r"unknown key 'data.builder_kwargs.pool'; this section takes no keys"),
+        ("optimizer.colour=red", r"unknown key 'optimizer.colour'; expected one of 'betas', "),  # nothing close
+        (
+            "data.builder=sslscale.train.build:build_strem",
+            r"has no callable 'build_strem'; did you mean 'build_stream'",
+        ),
+    ],
+)
 def test_component_typos_name_the_full_key_and_the_nearest_valid_one(override, message):
     import torch.distributed as dist
 
@@ -189,8 +212,14 @@ def test_schema_mechanism_on_a_plain_signature():
 
     from sslscale import schema
 
-    def component(encoder, width: int, scale: Annotated[float, schema.greater_than(0)] = 1.0,
-                  mode: Literal["a", "b"] = "a", sizes: Sequence[int] = (1,), extra: dict | None = None):
+    def component(
+        encoder,
+        width: int,
+        scale: Annotated[float, schema.greater_than(0)] = 1.0,
+        mode: Literal["a", "b"] = "a",
+        sizes: Sequence[int] = (1,),
+        extra: dict | None = None,
+    ):
         return None
 
     out = schema.check_kwargs(component, {"width": 3, "scale": 2, "sizes": [4, 5]}, "x.", skip=("encoder",))

@@ -34,14 +34,39 @@ def _train(cfg: dict) -> dict:
 def _two_rank_scenarios(rank, world, tmp):
     """Several runs in one process group (process start-up dominates these tests)."""
     parity = _train(td.config(f"{tmp}/parity2", **{"data.batch_size": B, "objective.kwargs": {"noise": 0.0}}))
-    skip = _train(td.config(f"{tmp}/skip", **{"schedule.total_steps": 4, "checkpoint.every": 1,
-                                              "checkpoint.keep_last": 10, "data.builder_kwargs": {"poison_at": [2, 1]}}))
-    stop = _train(td.config(f"{tmp}/stop", **{"schedule.total_steps": 4, "nonfinite": "stop",
-                                              "data.builder_kwargs": {"poison_at": [2, 1]}}))
-    accum = _train(td.config(f"{tmp}/accum", **{"schedule.total_steps": 3, "grad_accum": 2, "zero.stage": 3,
-                                                "data.builder_kwargs": {"poison_at": [3, 0]}}))
-    skip3 = _train(td.config(f"{tmp}/skip3", **{"schedule.total_steps": 3, "zero.stage": 3,
-                                                "data.builder_kwargs": {"poison_at": [1, 0]}}))
+    skip = _train(
+        td.config(
+            f"{tmp}/skip",
+            **{
+                "schedule.total_steps": 4,
+                "checkpoint.every": 1,
+                "checkpoint.keep_last": 10,
+                "data.builder_kwargs": {"poison_at": [2, 1]},
+            },
+        )
+    )
+    stop = _train(
+        td.config(
+            f"{tmp}/stop",
+            **{"schedule.total_steps": 4, "nonfinite": "stop", "data.builder_kwargs": {"poison_at": [2, 1]}},
+        )
+    )
+    accum = _train(
+        td.config(
+            f"{tmp}/accum",
+            **{
+                "schedule.total_steps": 3,
+                "grad_accum": 2,
+                "zero.stage": 3,
+                "data.builder_kwargs": {"poison_at": [3, 0]},
+            },
+        )
+    )
+    skip3 = _train(
+        td.config(
+            f"{tmp}/skip3", **{"schedule.total_steps": 3, "zero.stage": 3, "data.builder_kwargs": {"poison_at": [1, 0]}}
+        )
+    )
     bf16 = _train(td.config(f"{tmp}/bf16", **{"schedule.total_steps": 3, "precision": "bf16"}))
     return {"parity": parity, "skip": skip, "stop": stop, "accum": accum, "skip3": skip3, "bf16": bf16}
 
@@ -66,8 +91,9 @@ def test_loss_curve_parity_one_rank_2b_vs_two_ranks_b(runs):
     a, b = td.metrics(tmp / "parity1"), td.metrics(tmp / "parity2")
     assert len(a) == len(b) == 6
     assert [r["samples"] for r in a] == [r["samples"] for r in b]
-    torch.testing.assert_close(torch.tensor([r["loss"] for r in b]), torch.tensor([r["loss"] for r in a]),
-                               rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(
+        torch.tensor([r["loss"] for r in b]), torch.tensor([r["loss"] for r in a]), rtol=2e-6, atol=2e-6
+    )
     assert a[-1]["loss"] < a[0]["loss"] - 0.1  # it trains
     assert all(r["objective/z_norm"] > 0 for r in a)  # the objective's own metrics are logged
     assert all(r["samples_per_s"] > 0 and r["step_time_s"] > 0 and r["memory_bytes"] > 0 for r in a)
@@ -106,15 +132,24 @@ def test_nonfinite_loss_on_one_rank_is_skipped_on_all_with_nothing_changed(runs)
     ckpts = tmp / "skip" / "checkpoints"
     for rank in range(2):
         name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-        before, after, later = (_tensors(torch.load(ckpts / f"step{s:08d}" / name, weights_only=False))
-                                for s in (2, 3, 4))
+        before, after, later = (
+            _tensors(torch.load(ckpts / f"step{s:08d}" / name, weights_only=False)) for s in (2, 3, 4)
+        )
         assert before.keys() == after.keys()
         for key in before:  # fp32 master weights, Adam moments and step, lr: all untouched by step 3
-            same = torch.equal(before[key], after[key]) if isinstance(before[key], torch.Tensor) \
+            same = (
+                torch.equal(before[key], after[key])
+                if isinstance(before[key], torch.Tensor)
                 else before[key] == after[key]
+            )
             assert same, key
-        moved = [k for k in before if isinstance(before[k], torch.Tensor) and before[k].is_floating_point()
-                 and not torch.equal(after[k], later[k])]
+        moved = [
+            k
+            for k in before
+            if isinstance(before[k], torch.Tensor)
+            and before[k].is_floating_point()
+            and not torch.equal(after[k], later[k])
+        ]
         assert moved, "step 4 trains again"
     m2 = torch.load(ckpts / "step00000002" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     m3 = torch.load(ckpts / "step00000003" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
@@ -167,9 +202,10 @@ def test_export_from_zero0_gives_plain_encoder_keys_and_metadata(runs, tmp_path)
     out = tmp_path / "enc.safetensors"
     export(tmp / "stage0", out)
     weights = load_file(str(out))
-    module = torch.load(tmp / "stage0" / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt",
-                        weights_only=False)["module"]
-    assert set(weights) == {k[len("encoder."):] for k in module}
+    module = torch.load(
+        tmp / "stage0" / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt", weights_only=False
+    )["module"]
+    assert set(weights) == {k[len("encoder.") :] for k in module}
     for key, value in weights.items():
         assert torch.equal(value, module["encoder." + key])
     meta = json.loads(safe_open(str(out), "pt").metadata()["sslscale"])

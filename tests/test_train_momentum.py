@@ -19,8 +19,10 @@ OBJECTIVES = {
     "byol": {"name": "byol", "kwargs": {**HEADS, "pred_hidden_dim": 24, "batch_norm": False, "base_momentum": 0.9}},
     "moco": {"name": "moco_v2", "kwargs": {**HEADS, "queue_size": 40, "momentum": 0.9}},  # 6 x 16 keys: wraps
     # keys of the global batch through infonce(mode="query_key"): per-rank queries against gathered keys
-    "moco_v3": {"name": "moco_v3", "kwargs": {**HEADS, "pred_hidden_dim": 24, "batch_norm": False,
-                                              "base_momentum": 0.9}},
+    "moco_v3": {
+        "name": "moco_v3",
+        "kwargs": {**HEADS, "pred_hidden_dim": 24, "batch_norm": False, "base_momentum": 0.9},
+    },
 }
 
 
@@ -35,9 +37,18 @@ def _zero3_json(tmp):
 def _cfg(tmp, name, objective, stage, batch, **more):
     if stage == 3:
         more = {"zero.config": _zero3_json(tmp), **more}
-    return td.config(f"{tmp}/{name}", **{"objective": OBJECTIVES[objective], "zero.stage": stage,
-                                         "data.batch_size": batch, "schedule.total_steps": STEPS,
-                                         "checkpoint.every": 3, "checkpoint.keep_last": 5, **more})
+    return td.config(
+        f"{tmp}/{name}",
+        **{
+            "objective": OBJECTIVES[objective],
+            "zero.stage": stage,
+            "data.batch_size": batch,
+            "schedule.total_steps": STEPS,
+            "checkpoint.every": 3,
+            "checkpoint.keep_last": 5,
+            **more,
+        },
+    )
 
 
 def _run(cfg, resume=None):

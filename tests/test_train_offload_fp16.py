@@ -50,10 +50,28 @@ def _scenarios(rank, world, tmp):
     if torch.ops.mkldnn._is_mkldnn_fp16_supported():
         ds = f"{tmp}/fp16.json"
         with open(ds, "w") as f:
-            json.dump({"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 24, "hysteresis": 1,
-                                "loss_scale_window": 1000, "min_loss_scale": 1}}, f)
-        out["fp16"] = run("fp16", **{"zero.stage": 2, "zero.config": ds, "schedule.total_steps": 12,
-                                     "callbacks": [{"fn": "tests.test_train_offload_fp16:RecordSkippedSteps"}]})
+            json.dump(
+                {
+                    "fp16": {
+                        "enabled": True,
+                        "loss_scale": 0,
+                        "initial_scale_power": 24,
+                        "hysteresis": 1,
+                        "loss_scale_window": 1000,
+                        "min_loss_scale": 1,
+                    }
+                },
+                f,
+            )
+        out["fp16"] = run(
+            "fp16",
+            **{
+                "zero.stage": 2,
+                "zero.config": ds,
+                "schedule.total_steps": 12,
+                "callbacks": [{"fn": "tests.test_train_offload_fp16:RecordSkippedSteps"}],
+            },
+        )
     return out
 
 
@@ -70,8 +88,9 @@ def test_offload_matches_the_run_without_it(runs, stage):
     tmp, results = runs
     a, b = td.metrics(tmp / f"base{stage}"), td.metrics(tmp / f"off{stage}")
     assert len(a) == len(b) == STEPS and results[0][f"off{stage}"]["state"] == "finished"
-    torch.testing.assert_close(torch.tensor([r["loss"] for r in b]), torch.tensor([r["loss"] for r in a]),
-                               rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(
+        torch.tensor([r["loss"] for r in b]), torch.tensor([r["loss"] for r in a]), rtol=2e-6, atol=2e-6
+    )
     assert a[-1]["loss"] < a[0]["loss"]
     export(tmp / f"base{stage}", tmp / f"base{stage}.safetensors")
     export(tmp / f"off{stage}", tmp / f"off{stage}.safetensors")
@@ -82,8 +101,10 @@ def test_offload_matches_the_run_without_it(runs, stage):
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_fp16_supported(),
-                    reason="DeepSpeed's CPU accelerator refuses fp16 on a CPU without mkldnn fp16")
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+    reason="DeepSpeed's CPU accelerator refuses fp16 on a CPU without mkldnn fp16",
+)
 def test_fp16_overflow_steps_are_counted_like_nonfinite_ones(runs):
     tmp, results = runs
     records = td.metrics(tmp / "fp16")

@@ -38,19 +38,29 @@ def test_default_groups_keep_biases_norms_and_hooked_names_out_of_decay():
     decay, no_decay = decay_groups(model, exclude=[model.target])
     names = {id(p): n for n, p in model.named_parameters()}
     assert [names[id(p)] for p in decay.params] == ["body.proj.weight", "head.weight"]
-    assert [names[id(p)] for p in no_decay.params] == ["body.pos_embed", "body.cls_token", "body.proj.bias",
-                                                       "body.norm.weight", "body.norm.bias", "head.bias"]
+    assert [names[id(p)] for p in no_decay.params] == [
+        "body.pos_embed",
+        "body.cls_token",
+        "body.proj.bias",
+        "body.norm.weight",
+        "body.norm.bias",
+        "head.bias",
+    ]
     assert decay.weight_decay and decay.lars_adapt and not no_decay.weight_decay and not no_decay.lars_adapt
 
 
 def test_groups_become_absolute_torch_groups():
     w, b = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2))
-    groups = [ParamGroup("pred", [w], lr_scale=10.0), ParamGroup("pred_no_decay", [b], weight_decay=False,
-                                                                 lars_adapt=False)]
+    groups = [
+        ParamGroup("pred", [w], lr_scale=10.0),
+        ParamGroup("pred_no_decay", [b], weight_decay=False, lars_adapt=False),
+    ]
     cfg = OptimizerConfig(lr=0.05, weight_decay=1e-4)
     out = torch_param_groups(groups, cfg)
     assert [(g["name"], g["lr"], g["weight_decay"], g["lars_adapt"]) for g in out] == [
-        ("pred", pytest.approx(0.5), 1e-4, True), ("pred_no_decay", 0.05, 0.0, False)]
+        ("pred", pytest.approx(0.5), 1e-4, True),
+        ("pred_no_decay", 0.05, 0.0, False),
+    ]
     for name, cls in (("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("lars", LARS)):
         opt = build_optimizer(OptimizerConfig(name=name, lr=0.05), groups)
         assert isinstance(opt, cls) and [g["lr"] for g in opt.param_groups] == [pytest.approx(0.5), 0.05]
@@ -65,8 +75,9 @@ def test_check_param_groups_catches_missing_duplicate_and_untrained_parameters()
     with pytest.raises(ValueError, match=r"trainable parameters in no param group: \['a.bias'\]"):
         check_param_groups(model, [ParamGroup("w", [model.a.weight])], {"t": model.t})
     with pytest.raises(ValueError, match="parameter a.weight is in param groups 'x' and 'y'"):
-        check_param_groups(model, [ParamGroup("x", [model.a.weight, model.a.bias]),
-                                   ParamGroup("y", [model.a.weight])], {})
+        check_param_groups(
+            model, [ParamGroup("x", [model.a.weight, model.a.bias]), ParamGroup("y", [model.a.weight])], {}
+        )
     with pytest.raises(ValueError, match="parameter t.weight of untrained module 't' is in param group 'z'"):
         check_param_groups(model, [ParamGroup("z", [model.t.weight, model.a.weight, model.a.bias])], {"t": model.t})
 
@@ -92,8 +103,9 @@ def test_lars_matches_the_paper_update_on_whole_tensors():
     start = [w.detach().clone(), b.detach().clone()]
     steps = [[torch.randn(6, 5), torch.randn(5)] for _ in range(3)]
     groups = [ParamGroup("decay", [w]), ParamGroup("no_decay", [b], weight_decay=False, lars_adapt=False)]
-    opt = build_optimizer(OptimizerConfig(name="lars", lr=0.7, weight_decay=0.01, momentum=0.9,
-                                          trust_coefficient=0.02), groups)
+    opt = build_optimizer(
+        OptimizerConfig(name="lars", lr=0.7, weight_decay=0.01, momentum=0.9, trust_coefficient=0.02), groups
+    )
     for grads in steps:
         w.grad, b.grad = grads
         opt.step()
@@ -126,13 +138,27 @@ def _stage_runs(rank, world, tmp):
     from sslscale.train.config import from_dict
     from sslscale.train.pretrain import pretrain
 
-    for name, opt in (("sgd", {"name": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
-                      ("lars", {"name": "lars", "lr": 1.0, "momentum": 0.9, "weight_decay": 1e-3,
-                                "trust_coefficient": 0.02})):
+    for name, opt in (
+        ("sgd", {"name": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
+        ("lars", {"name": "lars", "lr": 1.0, "momentum": 0.9, "weight_decay": 1e-3, "trust_coefficient": 0.02}),
+    ):
         for stage in (0, 1, 2, 3) if name == "lars" else (0, 2, 3):
-            pretrain(from_dict(td.config(f"{tmp}/{name}{stage}", **{
-                "zero.stage": stage, "optimizer": opt, "schedule.total_steps": STEPS, "schedule.warmup_steps": 1,
-                "checkpoint.every": STEPS, "objective.kwargs": {"noise": 0.0}, "logging.every": STEPS})))
+            pretrain(
+                from_dict(
+                    td.config(
+                        f"{tmp}/{name}{stage}",
+                        **{
+                            "zero.stage": stage,
+                            "optimizer": opt,
+                            "schedule.total_steps": STEPS,
+                            "schedule.warmup_steps": 1,
+                            "checkpoint.every": STEPS,
+                            "objective.kwargs": {"noise": 0.0},
+                            "logging.every": STEPS,
+                        },
+                    )
+                )
+            )
     return True
 
 
@@ -163,5 +189,10 @@ def test_partitioned_stages_take_the_same_steps_as_zero0(stage_runs, optimizer, 
         got = _weights(stage_runs, f"{optimizer}{stage}")
         assert got.keys() == reference.keys()
         for key in reference:
-            torch.testing.assert_close(got[key], reference[key], rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, key=key, stage=stage: f"ZeRO-{stage} {key}: {m}")
+            torch.testing.assert_close(
+                got[key],
+                reference[key],
+                rtol=1e-5,
+                atol=1e-6,
+                msg=lambda m, key=key, stage=stage: f"ZeRO-{stage} {key}: {m}",
+            )

@@ -27,14 +27,30 @@ RECIPES = {
     "clip_fmnist": ("fashion-mnist-captions", []),
 }
 # the shrunk model each recipe's architecture trains with here
-SMALL = {"convnet_small": ["model.encoder_kwargs.widths=[16, 32, 64, 64]"],
-         "vit": ["model.encoder_kwargs.dim=64", "model.encoder_kwargs.depth=2", "objective.kwargs.decoder_dim=32",
-                 "objective.kwargs.decoder_depth=1", "objective.kwargs.decoder_heads=2"],
-         "clip": ["model.encoder_kwargs.image_encoder.widths=[16, 32, 64, 64]",
-                  "model.encoder_kwargs.text_encoder.dim=64", "model.encoder_kwargs.text_encoder.heads=1", "model.encoder_kwargs.embed_dim=32"]}
+SMALL = {
+    "convnet_small": ["model.encoder_kwargs.widths=[16, 32, 64, 64]"],
+    "vit": [
+        "model.encoder_kwargs.dim=64",
+        "model.encoder_kwargs.depth=2",
+        "objective.kwargs.decoder_dim=32",
+        "objective.kwargs.decoder_depth=1",
+        "objective.kwargs.decoder_heads=2",
+    ],
+    "clip": [
+        "model.encoder_kwargs.image_encoder.widths=[16, 32, 64, 64]",
+        "model.encoder_kwargs.text_encoder.dim=64",
+        "model.encoder_kwargs.text_encoder.heads=1",
+        "model.encoder_kwargs.embed_dim=32",
+    ],
+}
 # metric whose last-5-step mean must beat its first-5-step mean (the method learns its task)
-LEARNS = {"moco_v2_fmnist": "pos_acc", "moco_v3_fmnist": "pos_acc", "supervised_fmnist": "acc",
-          "rotation_fmnist": "rotation_acc", "jigsaw_fmnist": "perm_acc"}
+LEARNS = {
+    "moco_v2_fmnist": "pos_acc",
+    "moco_v3_fmnist": "pos_acc",
+    "supervised_fmnist": "acc",
+    "rotation_fmnist": "rotation_acc",
+    "jigsaw_fmnist": "perm_acc",
+}
 
 
 def _encoder(name):
@@ -48,19 +64,35 @@ def _train(rank, world, shards, tmp):
     from sslscale.train.pretrain import pretrain
 
     for name, (source, extra) in RECIPES.items():
-        cfg = config.load(td.REPO / f"configs/pretrain/{name}.yaml", [
-            f"data.shards={shards[source]}", "data.batch_size=32", "data.num_workers=0", "zero.config=null",
-            *SMALL[_encoder(name)], f"schedule.total_steps={STEPS}", "schedule.warmup_steps=3", "probe.every=0",
-            f"checkpoint.every={STEPS}",
-            "logging.every=1", "logging.progress=false", "watchdog_s=0", f"run_dir={tmp}/{name}", *extra])
+        cfg = config.load(
+            td.REPO / f"configs/pretrain/{name}.yaml",
+            [
+                f"data.shards={shards[source]}",
+                "data.batch_size=32",
+                "data.num_workers=0",
+                "zero.config=null",
+                *SMALL[_encoder(name)],
+                f"schedule.total_steps={STEPS}",
+                "schedule.warmup_steps=3",
+                "probe.every=0",
+                f"checkpoint.every={STEPS}",
+                "logging.every=1",
+                "logging.progress=false",
+                "watchdog_s=0",
+                f"run_dir={tmp}/{name}",
+                *extra,
+            ],
+        )
         pretrain(cfg)
     return True
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    shards = {source: str(data_helpers.shards(tmp_path_factory, source, "train", per_shard=512, limit=1024))
-              for source in {source for source, _ in RECIPES.values()}}
+    shards = {
+        source: str(data_helpers.shards(tmp_path_factory, source, "train", per_shard=512, limit=1024))
+        for source in {source for source, _ in RECIPES.values()}
+    }
     tmp = tmp_path_factory.mktemp("recipes")
     run_distributed(_train, 1, shards, str(tmp))
     return tmp
@@ -74,15 +106,15 @@ def test_recipe_trains_with_its_loss_going_down(runs, name):
     # MoCo: from the step its queue holds only real keys (128 / 32 = 4 steps); before, the negatives are random
     start = 4 if name.startswith("moco_v2") else 0
     losses = [r["loss"] for r in lines]
-    first, last = statistics.mean(losses[start:start + 5]), statistics.mean(losses[-5:])
+    first, last = statistics.mean(losses[start : start + 5]), statistics.mean(losses[-5:])
     assert last < first, losses
     if name.startswith(("byol", "simsiam", "moco_v3")):
-        assert lines[-1]["objective/z_std"] > 0.3 / 128 ** 0.5  # not collapsed (healthy ~1/sqrt(128) = 0.088)
+        assert lines[-1]["objective/z_std"] > 0.3 / 128**0.5  # not collapsed (healthy ~1/sqrt(128) = 0.088)
     if name.startswith(("byol", "moco_v3")):
         assert lines[-1]["objective/momentum"] > lines[0]["objective/momentum"]  # the cosine schedule rises
     if name in LEARNS:
         acc = [r[f"objective/{LEARNS[name]}"] for r in lines]
-        assert statistics.mean(acc[-5:]) > statistics.mean(acc[start:start + 5]), acc
+        assert statistics.mean(acc[-5:]) > statistics.mean(acc[start : start + 5]), acc
     if name.startswith(("autoencoder", "mae")):
         assert lines[-1]["objective/recon_mse"] == pytest.approx(lines[-1]["loss"])
         assert lines[-1]["objective/hidden_frac"] == (0.75 if name.startswith("mae") else 0.0)
@@ -108,8 +140,10 @@ def test_export_writes_the_encoder_only_and_evaluate_reads_it(runs, name, tmp_pa
     meta = export(runs / name, out)
     weights = load_file(str(out))
     assert meta["modules"] == ["encoder"] and weights
-    assert not any(k.startswith(("target_", "projector", "predictor", "queue", "momentum", "decoder", "classifier"))
-                   for k in weights)
+    assert not any(
+        k.startswith(("target_", "projector", "predictor", "queue", "momentum", "decoder", "classifier"))
+        for k in weights
+    )
     encoder = load_encoder(str(out))  # what `sslscale evaluate` does with the file
     assert encoder(torch.rand(2, 1, 28, 28)).shape == (2, 64)
 
@@ -125,8 +159,22 @@ def test_evaluate_reads_the_exported_vit_encoder(runs, tmp_path):
     out = tmp_path / "vit.safetensors"
     export(runs / "mae_vit_fmnist", out)
     res = tmp_path / "eval.json"
-    rc = main(["evaluate", str(out), "--limit-train", "300", "--limit-test", "200", "--labels-per-class", "3",
-               "--seeds", "1", "--json", str(res)])
+    rc = main(
+        [
+            "evaluate",
+            str(out),
+            "--limit-train",
+            "300",
+            "--limit-test",
+            "200",
+            "--labels-per-class",
+            "3",
+            "--seeds",
+            "1",
+            "--json",
+            str(res),
+        ]
+    )
     assert rc == 0
     rows = json.loads(res.read_text())["rows"]
     assert rows["pretrained"]["feature_dim"] == 64 and set(rows) == {"pretrained", "random_init", "raw_pixels"}
@@ -161,12 +209,27 @@ def _train_bert(rank, world, shards, tmp):
     from sslscale.train import config
     from sslscale.train.pretrain import pretrain
 
-    cfg = config.load(td.REPO / "configs/pretrain/bert_bbc.yaml", [
-        f"data.shards={shards}", "data.batch_size=16", "data.num_workers=0", "data.seq_len=64", "zero.config=null",
-        "model.encoder_kwargs.dim=64", "model.encoder_kwargs.depth=2", "model.encoder_kwargs.max_seq_len=64",
-        f"schedule.total_steps={BERT_STEPS}", "schedule.warmup_steps=3", "optimizer.lr=0.002",
-        f"checkpoint.every={BERT_STEPS}", "logging.every=1", "logging.progress=false", "watchdog_s=0",
-        f"run_dir={tmp}/bert_bbc"])
+    cfg = config.load(
+        td.REPO / "configs/pretrain/bert_bbc.yaml",
+        [
+            f"data.shards={shards}",
+            "data.batch_size=16",
+            "data.num_workers=0",
+            "data.seq_len=64",
+            "zero.config=null",
+            "model.encoder_kwargs.dim=64",
+            "model.encoder_kwargs.depth=2",
+            "model.encoder_kwargs.max_seq_len=64",
+            f"schedule.total_steps={BERT_STEPS}",
+            "schedule.warmup_steps=3",
+            "optimizer.lr=0.002",
+            f"checkpoint.every={BERT_STEPS}",
+            "logging.every=1",
+            "logging.progress=false",
+            "watchdog_s=0",
+            f"run_dir={tmp}/bert_bbc",
+        ],
+    )
     pretrain(cfg)
     return True
 
@@ -224,8 +287,11 @@ def test_bert_export_loads_in_transformers_with_equal_outputs(bert_run, tmp_path
         out = hf.eval()(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
         torch.testing.assert_close(out.hidden_states[-1], ours, rtol=1e-5, atol=2e-5)
         torch.testing.assert_close(out.prediction_logits, model.mlm_head(ours), rtol=1e-5, atol=5e-5)
-        torch.testing.assert_close(out.seq_relationship_logits, model.nsp_head(model.pool(ours)), rtol=1e-5,
-                                   atol=2e-5)
+        torch.testing.assert_close(out.seq_relationship_logits, model.nsp_head(model.pool(ours)), rtol=1e-5, atol=2e-5)
         base = transformers.BertModel.from_pretrained(tmp_path / "hf").eval()
-        torch.testing.assert_close(base(ids, attention_mask=mask, token_type_ids=types).pooler_output,
-                                   model.encode(ids, types, mask), rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(
+            base(ids, attention_mask=mask, token_type_ids=types).pooler_output,
+            model.encode(ids, types, mask),
+            rtol=1e-5,
+            atol=2e-5,
+        )

@@ -21,9 +21,19 @@ STAGES = (2,)
 
 def _cfg(run_dir, stage, batch, preempt=False):
     more = {"callbacks": [{"fn": "tests.train_doubles:PreemptAfterStep", "kwargs": {"step": K}}]} if preempt else {}
-    return from_dict(td.config(run_dir, **{"zero.stage": stage, "data.batch_size": batch,
-                                           "schedule.total_steps": 2 * K, "checkpoint.every": K,
-                                           "objective.kwargs": {"noise": 0.0}, **more}))
+    return from_dict(
+        td.config(
+            run_dir,
+            **{
+                "zero.stage": stage,
+                "data.batch_size": batch,
+                "schedule.total_steps": 2 * K,
+                "checkpoint.every": K,
+                "objective.kwargs": {"noise": 0.0},
+                **more,
+            },
+        )
+    )
 
 
 def _first_world(rank, world, tmp):
@@ -80,8 +90,9 @@ def test_resume_on_another_world_size_continues_the_run(runs, stage, old_world, 
     assert [r["step"] for r in part] == list(range(1, 2 * K + 1))
     assert [r["samples"] for r in part] == [r["samples"] for r in straight]
     assert [r["lr"] for r in part] == pytest.approx([r["lr"] for r in straight], rel=1e-12)
-    torch.testing.assert_close(torch.tensor([r["loss"] for r in part]),
-                               torch.tensor([r["loss"] for r in straight]), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(
+        torch.tensor([r["loss"] for r in part]), torch.tensor([r["loss"] for r in straight]), rtol=2e-6, atol=2e-6
+    )
     assert straight[-1]["loss"] < straight[K]["loss"]  # it trains after step K (the check is not vacuous)
     wa, wb = _weights(tmp, f"straight{old_world}_{stage}"), _weights(tmp, f"part{old_world}_{stage}")
     assert wa.keys() == wb.keys() and wa

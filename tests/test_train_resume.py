@@ -20,10 +20,22 @@ MOCO = {"name": "moco_v2", "kwargs": {"proj_hidden_dim": 32, "proj_dim": 16, "qu
 
 def _config(tmp_path, name, stage, objective, callbacks=()):
     more = {} if objective == "tiny" else {"objective": MOCO}
-    return td.write_config(tmp_path / f"{name}.yaml", td.config(
-        tmp_path / name, **{"zero.stage": stage, "schedule.total_steps": 2 * K, "checkpoint.every": K,
-                            "probe.every": K, "probe.train_samples": 32, "probe.test_samples": 16,
-                            "callbacks": list(callbacks), **more}))
+    return td.write_config(
+        tmp_path / f"{name}.yaml",
+        td.config(
+            tmp_path / name,
+            **{
+                "zero.stage": stage,
+                "schedule.total_steps": 2 * K,
+                "checkpoint.every": K,
+                "probe.every": K,
+                "probe.train_samples": 32,
+                "probe.test_samples": 16,
+                "callbacks": list(callbacks),
+                **more,
+            },
+        ),
+    )
 
 
 def _ok(results):
@@ -64,16 +76,25 @@ def test_sigkilled_run_resumes_bit_exactly(tmp_path, stage, objective):
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
     # the straight run's weights did move (the comparison above is not between two untouched copies)
-    first = load_file(str(export(tmp_path / "straight", tmp_path / "k.safetensors",
-                                 str(tmp_path / "straight" / "checkpoints" / f"step{K:08d}"))
-                          and tmp_path / "k.safetensors"))
+    first = load_file(
+        str(
+            export(
+                tmp_path / "straight",
+                tmp_path / "k.safetensors",
+                str(tmp_path / "straight" / "checkpoints" / f"step{K:08d}"),
+            )
+            and tmp_path / "k.safetensors"
+        )
+    )
     assert not torch.equal(first["net.1.weight"], wa["net.1.weight"])
     if objective == "moco":  # the objective's own state: momentum encoder, queue, pointer
         from sslscale.train import checkpoint
         from sslscale.train.export import consolidated_state_dict
 
-        sa, sb = (consolidated_state_dict(checkpoint.root(tmp_path / run) / checkpoint.tag_for(2 * K), stage)
-                  for run in ("straight", "killed"))
+        sa, sb = (
+            consolidated_state_dict(checkpoint.root(tmp_path / run) / checkpoint.tag_for(2 * K), stage)
+            for run in ("straight", "killed")
+        )
         assert {"queue", "queue_ptr", "target_encoder.net.1.weight"} <= sa.keys() and sa.keys() == sb.keys()
         for key in sa:
             assert torch.equal(sa[key], sb[key]), key

@@ -69,8 +69,9 @@ class TinyBNEncoder(TinyEncoder):
     def __init__(self, hidden: int = 32, out_dim: int = 16) -> None:
         super().__init__(hidden, out_dim)
         self.config = {"name": "tiny_bn_mlp", "hidden": hidden, "out_dim": out_dim}
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-                                 nn.Linear(hidden, out_dim))
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(28 * 28, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_dim)
+        )
 
 
 class RecordBuffers(Callback):
@@ -128,8 +129,17 @@ def _images(indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 class MemoryStream:
-    def __init__(self, batch_size: int, rank: int, world_size: int, seed: int, size: int = 256,
-                 poison_at: list | None = None, poison_input: bool = False, poison_from: int | None = None) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        size: int = 256,
+        poison_at: list | None = None,
+        poison_input: bool = False,
+        poison_from: int | None = None,
+    ) -> None:
         self.b, self.rank, self.world, self.seed, self.size = batch_size, rank, world_size, seed, size
         self.global_batch = batch_size * world_size
         self.batches_per_epoch = size // self.global_batch
@@ -160,8 +170,9 @@ class MemoryStream:
             idx = order[start : start + self.b]
             x, y = _images(idx, self.seed)
             out = {"view1": x, "view2": x.flip(-1), "label": y}
-            bad = ((self.poison_at is not None and self.served == self.poison_at[0] and self.rank == self.poison_at[1])
-                   or (self.poison_from is not None and self.served >= self.poison_from))
+            bad = (
+                self.poison_at is not None and self.served == self.poison_at[0] and self.rank == self.poison_at[1]
+            ) or (self.poison_from is not None and self.served >= self.poison_from)
             if self.poison_at is not None or self.poison_from is not None:
                 out["poison"] = torch.tensor([bad])
             if bad and self.poison_input:
@@ -172,11 +183,26 @@ class MemoryStream:
         self.epoch, self.batch = self.epoch + 1, 0
 
 
-def build_stream(data_cfg, seed: int, rank: int, world_size: int, size: int = 256,
-                 poison_at: list[int] | None = None, poison_input: bool = False,
-                 poison_from: int | None = None) -> MemoryStream:
-    return MemoryStream(data_cfg.batch_size, rank, world_size, seed, size=size, poison_at=poison_at,
-                        poison_input=poison_input, poison_from=poison_from)
+def build_stream(
+    data_cfg,
+    seed: int,
+    rank: int,
+    world_size: int,
+    size: int = 256,
+    poison_at: list[int] | None = None,
+    poison_input: bool = False,
+    poison_from: int | None = None,
+) -> MemoryStream:
+    return MemoryStream(
+        data_cfg.batch_size,
+        rank,
+        world_size,
+        seed,
+        size=size,
+        poison_at=poison_at,
+        poison_input=poison_input,
+        poison_from=poison_from,
+    )
 
 
 def build_probe_data(probe_cfg, data_cfg, seed: int):
@@ -234,12 +260,29 @@ def launch(config_path, world: int, *extra_args: str, env: dict | None = None, p
     port = port or free_port()
     procs = []
     for rank in range(world):
-        e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-             "PYTHONWARNINGS": "ignore", "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(env or {})}
-        procs.append(subprocess.Popen([sys.executable, "-m", "sslscale.cli", "pretrain", str(config_path),
-                                       *extra_args], cwd=REPO, env=e, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        e = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1",
+            "DS_ACCELERATOR": "cpu",
+            "PYTHONWARNINGS": "ignore",
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            **(env or {}),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "sslscale.cli", "pretrain", str(config_path), *extra_args],
+                cwd=REPO,
+                env=e,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     return procs
 
 

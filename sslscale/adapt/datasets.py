@@ -17,8 +17,10 @@ import torch
 from sslscale.data.sources import read_idx
 
 SOURCES = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
-_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def normalize(x: torch.Tensor, preprocessing: dict | None) -> torch.Tensor:
@@ -30,8 +32,9 @@ def normalize(x: torch.Tensor, preprocessing: dict | None) -> torch.Tensor:
     return apply(x, tuple(preprocessing["mean"]), tuple(preprocessing["std"]))
 
 
-def load_split(source: str = "fashion-mnist", split: str = "train", data_dir: str | None = None,
-               preprocessing: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(
+    source: str = "fashion-mnist", split: str = "train", data_dir: str | None = None, preprocessing: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(images float32 (N, C, H, W), labels int64 (N,)) of `split` ("train" or "test") from IDX files, prepared
     as `preprocessing` says (image_size, channels, mean/std; None: as stored, 1 channel)."""
     if split not in _FILES:
@@ -59,16 +62,25 @@ def load_split(source: str = "fashion-mnist", split: str = "train", data_dir: st
     return normalize(x, preprocessing), torch.from_numpy(labels.astype(np.int64))
 
 
-def load_shards(shards: str | list[str], preprocessing: dict | None = None, limit: int | None = None,
-                corrupt: str = "skip") -> tuple[torch.Tensor, torch.Tensor]:
+def load_shards(
+    shards: str | list[str], preprocessing: dict | None = None, limit: int | None = None, corrupt: str = "skip"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(images float32 (N, C, S, S), labels int64 (N,)): every labelled sample of the shards in order, prepared as
     `preprocessing` says (image_size, channels, mean/std; None: as stored)."""
     from sslscale.data import StreamSpec, read_all
 
     pre = preprocessing or {}
     norm = {"mean": pre["mean"], "std": pre["std"]} if pre.get("mean") is not None else {}
-    spec = StreamSpec(shards=shards, pipeline="labeled", batch_size=1024, num_workers=0, corrupt=corrupt,
-                      image_size=pre.get("image_size"), channels=pre.get("channels"), normalize=norm)
+    spec = StreamSpec(
+        shards=shards,
+        pipeline="labeled",
+        batch_size=1024,
+        num_workers=0,
+        corrupt=corrupt,
+        image_size=pre.get("image_size"),
+        channels=pre.get("channels"),
+        normalize=norm,
+    )
     xs, ys = [], []
     for batch in read_all(spec, limit=limit):
         xs.append(batch["image"])

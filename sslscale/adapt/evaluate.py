@@ -33,17 +33,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("encoder", help="exported encoder (.safetensors with sslscale metadata or a sidecar .json)")
     p.add_argument("--source", default="fashion-mnist", choices=sorted(SOURCES), help="labeled dataset (IDX files)")
     p.add_argument("--data-dir", default=None, help="folder with the IDX files (default: the source's location)")
-    p.add_argument("--train-shards", default=None, help="labelled shards to probe on instead of --source (a shard "
-                   "directory, manifest.json, paths or URLs; grey or RGB, any size)")
+    p.add_argument(
+        "--train-shards",
+        default=None,
+        help="labelled shards to probe on instead of --source (a shard "
+        "directory, manifest.json, paths or URLs; grey or RGB, any size)",
+    )
     p.add_argument("--test-shards", default=None, help="labelled shards scored by the probe (with --train-shards)")
-    p.add_argument("--image-size", type=int, default=None, help="resize + centre-crop images to this side "
-                   "(default: the encoder's preprocessing metadata, else as stored)")
-    p.add_argument("--channels", type=int, default=None, choices=(1, 3),
-                   help="convert images to 1 or 3 channels (default: the encoder's preprocessing, else as stored)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize + centre-crop images to this side (default: the encoder's preprocessing metadata, else as stored)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        default=None,
+        choices=(1, 3),
+        help="convert images to 1 or 3 channels (default: the encoder's preprocessing, else as stored)",
+    )
     p.add_argument("--labels-per-class", type=int, default=10, help="k of the few-label probe (default 10)")
     p.add_argument("--seeds", type=int, default=3, help="label subsets drawn for the few-label probe (default 3)")
-    p.add_argument("--bn", default="keep", choices=("keep", "auto", "reestimate"),
-                   help="BatchNorm statistics: keep (default), auto (re-estimate for pretrained only), reestimate")
+    p.add_argument(
+        "--bn",
+        default="keep",
+        choices=("keep", "auto", "reestimate"),
+        help="BatchNorm statistics: keep (default), auto (re-estimate for pretrained only), reestimate",
+    )
     p.add_argument("--init-seed", type=int, default=0, help="seed of the random-init baseline encoder")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
@@ -56,9 +73,17 @@ def _features(encoder: torch.nn.Module, reestimate: bool, train_x: torch.Tensor,
     return probe.extract_features(encoder, train_x), probe.extract_features(encoder, test_x)
 
 
-def evaluate(encoder: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
-             test: tuple[torch.Tensor, torch.Tensor], labels_per_class: int = 10, seeds: int = 3, bn: str = "keep",
-             init_seed: int = 0, rows: Sequence[str] = ROWS, knn_k: int | None = None) -> dict:
+def evaluate(
+    encoder: torch.nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    labels_per_class: int = 10,
+    seeds: int = 3,
+    bn: str = "keep",
+    init_seed: int = 0,
+    rows: Sequence[str] = ROWS,
+    knn_k: int | None = None,
+) -> dict:
     """Probe results for `rows` (default all three) on the given (images, labels) splits. With `knn_k`, each row
     also gets the weighted kNN accuracy (cosine on the unstandardised features, the online probe's rule) of the
     test images against the whole training split (`knn`)."""
@@ -83,13 +108,19 @@ def evaluate(encoder: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
         knn = None if knn_k is None else knn_accuracy(ftrain, train_y, ftest, test_y, k=knn_k)
         mean, scale = probe.standardizer(ftrain)
         ftrain, ftest = (ftrain - mean) / scale, (ftest - mean) / scale
-        few = [probe.linear_probe(ftrain[idx], train_y[idx], ftest, test_y, num_classes, seed=seed)
-               for seed, idx in enumerate(subsets)]
+        few = [
+            probe.linear_probe(ftrain[idx], train_y[idx], ftest, test_y, num_classes, seed=seed)
+            for seed, idx in enumerate(subsets)
+        ]
         full = probe.linear_probe(ftrain, train_y, ftest, test_y, num_classes)
         m, sd = probe.mean_std([r["accuracy"] for r in few])
         results[row] = {
-            "few_label": {"mean": m, "std": sd, "per_seed": [r["accuracy"] for r in few],
-                          "weight_decay": [r["weight_decay"] for r in few]},
+            "few_label": {
+                "mean": m,
+                "std": sd,
+                "per_seed": [r["accuracy"] for r in few],
+                "weight_decay": [r["weight_decay"] for r in few],
+            },
             "all_labels": full,
             "bn_reestimated": reestimate.get(row, False),
             "feature_dim": int(ftrain.shape[1]),
@@ -97,8 +128,15 @@ def evaluate(encoder: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
         }
         if knn is not None:
             results[row]["knn"] = {"k": knn_k, "accuracy": knn}
-    return {"labels_per_class": labels_per_class, "seeds": list(range(seeds)), "num_train": len(train_y),
-            "num_test": len(test_y), "bn": bn, "init_seed": init_seed, "rows": results}
+    return {
+        "labels_per_class": labels_per_class,
+        "seeds": list(range(seeds)),
+        "num_train": len(train_y),
+        "num_test": len(test_y),
+        "bn": bn,
+        "init_seed": init_seed,
+        "rows": results,
+    }
 
 
 def print_results(res: dict) -> None:
@@ -142,8 +180,10 @@ def run(args: argparse.Namespace) -> int:
         encoder = image_encoder(load_encoder(args.encoder))  # a CLIP export: its image tower
         meta = read_metadata(args.encoder)
     except Exception as e:  # any unreadable file: safetensors, JSON, config and shape errors
-        print(f"sslscale evaluate: error: cannot load the encoder {args.encoder}: {type(e).__name__}: {e}",
-              file=sys.stderr)
+        print(
+            f"sslscale evaluate: error: cannot load the encoder {args.encoder}: {type(e).__name__}: {e}",
+            file=sys.stderr,
+        )
         return 2
     from sslscale.data import CorruptDataError
 
@@ -153,11 +193,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"sslscale evaluate: error: cannot load the evaluation data: {e}", file=sys.stderr)
         return 2
     res = evaluate(encoder, train, test, args.labels_per_class, args.seeds, args.bn, args.init_seed)
-    res.update({"encoder": args.encoder, "encoder_config": meta["encoder"], "source": source, "preprocessing": pre,
-                "seconds": round(time.perf_counter() - start, 2)})
+    res.update(
+        {
+            "encoder": args.encoder,
+            "encoder_config": meta["encoder"],
+            "source": source,
+            "preprocessing": pre,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    )
     print_results(res)
-    print(f"({res['seconds']:.0f} s; features standardised with training-split statistics; "
-          f"weight decay by cross-validation on the labeled examples, fixed above 5000 labels)")
+    print(
+        f"({res['seconds']:.0f} s; features standardised with training-split statistics; "
+        f"weight decay by cross-validation on the labeled examples, fixed above 5000 labels)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -29,7 +29,7 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int =
     was_training = encoder.training
     encoder.eval()
     try:
-        out = [encoder(images[i:i + batch_size]).float() for i in range(0, len(images), batch_size)]
+        out = [encoder(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)]
     finally:
         encoder.train(was_training)
     return torch.cat(out) if out else torch.empty(0, getattr(encoder, "out_dim", 0))
@@ -49,7 +49,7 @@ def reestimate_batchnorm(encoder: nn.Module, images: torch.Tensor, batch_size: i
         bn.momentum = None  # cumulative average over all batches
     enc.train()
     for i in range(0, len(images), batch_size):
-        enc(images[i:i + batch_size])
+        enc(images[i : i + batch_size])
     return enc.eval()
 
 
@@ -76,9 +76,15 @@ def sample_per_class(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return torch.cat(picked).sort().values
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decays: Sequence[float],
-                 masks: torch.Tensor | None = None, max_iter: int = 150, tol: float = 1e-6
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    weight_decays: Sequence[float],
+    masks: torch.Tensor | None = None,
+    max_iter: int = 150,
+    tol: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """P independent multinomial logistic regressions solved at once; returns weights (P, C, D), biases (P, C).
 
     Problem p minimises mean_{i: masks[p, i]} CE(x_i) + weight_decays[p] / 2 * ||W_p||^2 (bias unpenalised).
@@ -100,8 +106,15 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_deca
     b = torch.zeros(p, num_classes, requires_grad=True)
     mask_np = masks.T.contiguous()  # (N, P)
     y_np = y.repeat_interleave(p)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-10,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        tolerance_change=1e-10,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -138,9 +151,15 @@ def _stratified_folds(y: torch.Tensor, folds: int, seed: int) -> list[torch.Tens
     return [torch.nonzero(fold == f).squeeze(1) for f in range(folds)]
 
 
-def select_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                        grid: Sequence[float] = WEIGHT_DECAYS, folds: int = 5, max_iter: int = 150,
-                        seed: int = 0) -> tuple[float, dict[float, float]]:
+def select_weight_decay(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    grid: Sequence[float] = WEIGHT_DECAYS,
+    folds: int = 5,
+    max_iter: int = 150,
+    seed: int = 0,
+) -> tuple[float, dict[float, float]]:
     """Weight decay with the best stratified `folds`-fold CV accuracy on the labeled data (ties -> stronger)."""
     counts = torch.bincount(y, minlength=num_classes)
     folds = max(2, min(folds, int(counts[counts > 0].min())))
@@ -161,17 +180,27 @@ def select_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int,
     return best, scores
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: int, grid: Sequence[float] = WEIGHT_DECAYS, max_iter: int = 150,
-                 seed: int = 0) -> dict[str, float]:
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    grid: Sequence[float] = WEIGHT_DECAYS,
+    max_iter: int = 150,
+    seed: int = 0,
+) -> dict[str, float]:
     """Fit on (train_x, train_y) with the rule's weight decay; test accuracy (x already standardised)."""
     if len(train_y) > MANY_LABELS:
         wd = MANY_LABELS_WEIGHT_DECAY
     else:
         wd, _ = select_weight_decay(train_x, train_y, num_classes, grid, max_iter=max_iter, seed=seed)
     w, b = fit_logistic(train_x, train_y, num_classes, [wd], max_iter=max_iter)
-    return {"accuracy": accuracy(w[0], b[0], test_x, test_y), "weight_decay": wd,
-            "train_accuracy": accuracy(w[0], b[0], train_x, train_y)}
+    return {
+        "accuracy": accuracy(w[0], b[0], test_x, test_y),
+        "weight_decay": wd,
+        "train_accuracy": accuracy(w[0], b[0], train_x, train_y),
+    }
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -199,8 +228,15 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, weight_decay: float) -> tuple[to
     return w.float(), b.float()
 
 
-def ridge_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                grid: Sequence[float] = WEIGHT_DECAYS, folds: int = 5, seed: int = 0) -> dict[str, float]:
+def ridge_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    grid: Sequence[float] = WEIGHT_DECAYS,
+    folds: int = 5,
+    seed: int = 0,
+) -> dict[str, float]:
     """Squared-loss probe with the weight decay of the best k-fold CV mean squared error on the training
     examples; test MSE and R^2 (1 - MSE / variance of the test targets)."""
     gen = torch.Generator().manual_seed(seed)
@@ -213,11 +249,19 @@ def ridge_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
 
     scores = {}
     for wd in sorted(grid, reverse=True):
-        scores[wd] = sum(mse(*fit_ridge(train_x[fold != f], y2[fold != f], wd), train_x[fold == f], y2[fold == f])
-                         for f in range(folds)) / folds
+        scores[wd] = (
+            sum(
+                mse(*fit_ridge(train_x[fold != f], y2[fold != f], wd), train_x[fold == f], y2[fold == f])
+                for f in range(folds)
+            )
+            / folds
+        )
     best = min(scores, key=lambda wd: scores[wd])  # first of ties: the strongest decay
     w, b = fit_ridge(train_x, y2, best)
     ty = test_y if test_y.dim() == 2 else test_y[:, None]
     test_mse = mse(w, b, test_x, ty)
-    return {"mse": test_mse, "r2": 1 - test_mse / float(ty.double().var(0, unbiased=False).mean()),
-            "weight_decay": best}
+    return {
+        "mse": test_mse,
+        "r2": 1 - test_mse / float(ty.double().var(0, unbiased=False).mean()),
+        "weight_decay": best,
+    }

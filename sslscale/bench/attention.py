@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,17 +44,25 @@ _REFERENCE_SQUARES = 6
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="two small lengths, fewer runs (under a minute on CPU)")
-    parser.add_argument("--seq", type=common.positive_ints, default=None,
-                        help="sequence lengths T, comma-separated")
+    parser.add_argument("--seq", type=common.positive_ints, default=None, help="sequence lengths T, comma-separated")
     parser.add_argument("--batch", type=int, default=None, help="sequences B (default: CPU 4; CUDA 64k tokens / T)")
     parser.add_argument("--heads", type=int, default=None, help="query heads H (default: CPU 8, CUDA 16)")
-    parser.add_argument("--head-dims", type=common.positive_ints, default=None,
-                        help="head dims D (default: CPU 64, CUDA 64,128)")
+    parser.add_argument(
+        "--head-dims", type=common.positive_ints, default=None, help="head dims D (default: CPU 64, CUDA 64,128)"
+    )
     parser.add_argument("--repeat", type=int, default=None, help="timed rounds per case (median; default 3, quick 2)")
-    parser.add_argument("--layout-seq", type=int, default=None,
-                        help="T of the (B, T, H, D)-view vs copy comparison (default: the first T; 0: skip it)")
-    parser.add_argument("--reference-budget-gib", type=float, default=8.0,
-                        help="memory the CPU reference may use; beyond it it runs on fewer sequences, scaled up")
+    parser.add_argument(
+        "--layout-seq",
+        type=int,
+        default=None,
+        help="T of the (B, T, H, D)-view vs copy comparison (default: the first T; 0: skip it)",
+    )
+    parser.add_argument(
+        "--reference-budget-gib",
+        type=float,
+        default=8.0,
+        help="memory the CPU reference may use; beyond it it runs on fewer sequences, scaled up",
+    )
 
 
 def causal_flops(batch: int, heads: int, seq: int, head_dim: int) -> tuple[float, float]:
@@ -68,12 +76,16 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _implementations(device: torch.device) -> dict[str, Attention]:
     """name -> attention(q, k, v); SDPA is the baseline every ratio is taken against."""
+
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     if device.type == "cpu":
-        impls = {"sdpa": sdpa, "cpp": lambda q, k, v: causal_attention(q, k, v, backend="cpp"),
-                 "reference": reference.attention}
+        impls = {
+            "sdpa": sdpa,
+            "cpp": lambda q, k, v: causal_attention(q, k, v, backend="cpp"),
+            "reference": reference.attention,
+        }
         return {n: f for n, f in impls.items() if n in ("sdpa", "reference") or _usable(n, device)}
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -82,6 +94,7 @@ def _implementations(device: torch.device) -> dict[str, Attention]:
         def run(q, k, v):
             with sdpa_kernel(backend):
                 return sdpa(q, k, v)
+
         return run
 
     impls = {"sdpa-flash": pinned(SDPBackend.FLASH_ATTENTION), "sdpa-cudnn": pinned(SDPBackend.CUDNN_ATTENTION)}
@@ -119,13 +132,15 @@ def _interleaved_ms(calls: dict[str, Callable], device: torch.device, rounds: in
 
 
 def _inputs(batch, heads, seq, head_dim, dtype, device):
-    q, k, v = (torch.randn(batch, heads, seq, head_dim, dtype=dtype, device=device, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(batch, heads, seq, head_dim, dtype=dtype, device=device, requires_grad=True) for _ in range(3)
+    )
     return q, k, v, torch.randn(batch, heads, seq, head_dim, dtype=dtype, device=device)
 
 
-def _case(seq: int, head_dim: int, batch: int, heads: int, impls: dict[str, Attention], args, device, dtype,
-          rounds: int) -> list[dict]:
+def _case(
+    seq: int, head_dim: int, batch: int, heads: int, impls: dict[str, Attention], args, device, dtype, rounds: int
+) -> list[dict]:
     base = {"T": seq, "D": head_dim, "B": batch, "H": heads}
     fwd_flops, fb_flops = causal_flops(batch, heads, seq, head_dim)
     full = _inputs(batch, heads, seq, head_dim, dtype, device)
@@ -136,8 +151,7 @@ def _case(seq: int, head_dim: int, batch: int, heads: int, impls: dict[str, Atte
     rows, fwd_calls, fb_calls, scale = {}, {}, {}, {}
     for name, attention in impls.items():
         b = ref_batch if name == "reference" else batch
-        q, k, v, g = full if b == batch else (*(x.detach()[:b].clone().requires_grad_() for x in full[:3]),
-                                              full[3][:b])
+        q, k, v, g = full if b == batch else (*(x.detach()[:b].clone().requires_grad_() for x in full[:3]), full[3][:b])
         fwd_calls[name], fb_calls[name] = _calls(attention, q, k, v, g)
         scale[name] = batch / b
         rows[name] = {**base, "impl": name, "ref_batch": b if b != batch else None}
@@ -165,11 +179,13 @@ def _case(seq: int, head_dim: int, batch: int, heads: int, impls: dict[str, Atte
     return list(rows.values())
 
 
-def _layout_case(seq: int, head_dim: int, batch: int, heads: int, impls: dict[str, Attention], device, dtype,
-                 rounds: int) -> list[dict]:
+def _layout_case(
+    seq: int, head_dim: int, batch: int, heads: int, impls: dict[str, Attention], device, dtype, rounds: int
+) -> list[dict]:
     """Each fused backend from (B, T, H, D) leaves to the merged (B, T, H * D) output: views vs copies."""
-    leaves = [torch.randn(batch, seq, heads, head_dim, dtype=dtype, device=device, requires_grad=True)
-              for _ in range(3)]
+    leaves = [
+        torch.randn(batch, seq, heads, head_dim, dtype=dtype, device=device, requires_grad=True) for _ in range(3)
+    ]
     grad = torch.randn(batch, seq, heads * head_dim, dtype=dtype, device=device)
 
     def model_step(attention, copy: bool):
@@ -211,8 +227,9 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     on_cpu = device.type == "cpu"
-    seqs = args.seq or ((CPU_QUICK_SEQ if args.quick else CPU_SEQ) if on_cpu else
-                        (CUDA_QUICK_SEQ if args.quick else CUDA_SEQ))
+    seqs = args.seq or (
+        (CPU_QUICK_SEQ if args.quick else CPU_SEQ) if on_cpu else (CUDA_QUICK_SEQ if args.quick else CUDA_SEQ)
+    )
     head_dims = args.head_dims or ([64] if on_cpu else [64, 128])
     heads = args.heads or (8 if on_cpu else 16)
     rounds = args.repeat or (2 if args.quick else 3)
@@ -228,8 +245,10 @@ def run(args: argparse.Namespace) -> int:
     common.peak_extra_bytes(lambda: None, device)  # pins the allocator before anything is allocated
     matmul = common.matmul_gflops(device, dtype=dtype, n=2048 if on_cpu else 8192)
     unit, per = ("GFLOP/s", 1.0) if on_cpu else ("TFLOP/s", 1e3)
-    print(f"causal attention, {dtype} on {device.type}, {torch.get_num_threads()} threads; "
-          f"dense matmul {matmul / per:.3g} {unit} (rates below in {unit})")
+    print(
+        f"causal attention, {dtype} on {device.type}, {torch.get_num_threads()} threads; "
+        f"dense matmul {matmul / per:.3g} {unit} (rates below in {unit})"
+    )
     impls = _implementations(device)
 
     rows = []
@@ -249,16 +268,45 @@ def run(args: argparse.Namespace) -> int:
             if key in row:
                 row[f"{key}_of_matmul"] = row[key] / matmul
                 row[key] /= per
-    common.print_table(rows, ["T", "D", "B", "impl", "fwd_ms", "fb_ms", "fwd_vs_sdpa", "fb_vs_sdpa", "fwd_mib",
-                              "fb_mib", "fb_mem_vs_cpp", "fwd_rate", "fb_rate", "fb_rate_of_matmul", "ref_batch",
-                              "note"])
-    print("ms: median over interleaved rounds; *_vs_sdpa: time / SDPA's time (< 1 is faster); *_mib: peak extra "
-          "memory; ref_batch: the reference ran on that many sequences, scaled up to B")
+    common.print_table(
+        rows,
+        [
+            "T",
+            "D",
+            "B",
+            "impl",
+            "fwd_ms",
+            "fb_ms",
+            "fwd_vs_sdpa",
+            "fb_vs_sdpa",
+            "fwd_mib",
+            "fb_mib",
+            "fb_mem_vs_cpp",
+            "fwd_rate",
+            "fb_rate",
+            "fb_rate_of_matmul",
+            "ref_batch",
+            "note",
+        ],
+    )
+    print(
+        "ms: median over interleaved rounds; *_vs_sdpa: time / SDPA's time (< 1 is faster); *_mib: peak extra "
+        "memory; ref_batch: the reference ran on that many sequences, scaled up to B"
+    )
     if layout:
-        print(f"\n(B, T, H, D) projections -> attention -> (B, T, H * D): views as they are vs copied (the old path)")
+        print("\n(B, T, H, D) projections -> attention -> (B, T, H * D): views as they are vs copied (the old path)")
         common.print_table(layout, ["T", "D", "B", "impl", "fwd_ms", "fb_ms", "fwd_copy_cost", "fb_copy_cost"])
-    common.write_json(args.out, "attention", {
-        "dtype": str(dtype), "heads": heads, "rounds": rounds, "matmul_rate": matmul / per, "rate_unit": unit,
-        "rows": rows, "layout": layout,
-    })
+    common.write_json(
+        args.out,
+        "attention",
+        {
+            "dtype": str(dtype),
+            "heads": heads,
+            "rounds": rounds,
+            "matmul_rate": matmul / per,
+            "rate_unit": unit,
+            "rows": rows,
+            "layout": layout,
+        },
+    )
     return 0

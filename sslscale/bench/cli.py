@@ -10,10 +10,15 @@ SUITES: dict[str, tuple[str, str]] = {
     "attention": ("sslscale.bench.attention", "fused causal attention vs reference and SDPA"),
     "data": ("sslscale.bench.data", "two-view image and MLM/CLM text stream throughput"),
     "train": ("sslscale.bench.train", "SimCLR training throughput per ZeRO stage, engine overhead"),
-    "methods": ("sslscale.bench.methods", "the method table: pretrain each recipe (2 processes), export, probe and "
-                "kNN on the same label subsets, with random-init and raw-pixel rows"),
-    "gpu-static": ("sslscale.bench.gpu_static", "registers, spills, shared memory, occupancy, grids of the GPU kernels "
-                   "for sm_90, without a GPU"),
+    "methods": (
+        "sslscale.bench.methods",
+        "the method table: pretrain each recipe (2 processes), export, probe and "
+        "kNN on the same label subsets, with random-init and raw-pixel rows",
+    ),
+    "gpu-static": (
+        "sslscale.bench.gpu_static",
+        "registers, spills, shared memory, occupancy, grids of the GPU kernels for sm_90, without a GPU",
+    ),
     "gpu-check": ("sslscale.bench.gpu_check", "on a GPU: every GPU test, then the GPU benchmarks, one JSON"),
     "chaos": ("sslscale.bench.chaos", "random kills (ranks, launcher, group, during saves) vs one uninterrupted run"),
 }

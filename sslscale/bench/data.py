@@ -39,8 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jpeg-batch-size", type=int, default=64, help="JPEG stream batch size")
     parser.add_argument("--shard-mb", type=float, default=None, help="JPEG shard size (default 256, quick 16)")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batches", type=int, default=None, help="timed batches per case (default 40, quick 12; "
-                        "JPEG cases a quarter of it)")
+    parser.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        help="timed batches per case (default 40, quick 12; JPEG cases a quarter of it)",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="untimed batches first (default 4, quick 2)")
     parser.add_argument("--skip", default="", help="comma-separated case groups to skip: jpeg,wds,fmnist,text")
 
@@ -105,7 +109,6 @@ def _wds_pipeline_class():
 
 
 class _WdsBody:
-
     def __init__(self, urls: list[str], batch_size: int, size: int | None):
         self.urls, self.batch_size, self.size = urls, batch_size, size  # size None: decode + batch only
 
@@ -126,9 +129,20 @@ class _WdsBody:
             images = torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 3, 1, 2).contiguous()
             return images, torch.tensor([int(s[1]) for s in samples])
 
-        ds = (wds.WebDataset(self.urls, resampled=True, shardshuffle=False, nodesplitter=None, empty_check=False,
-                             seed=info.id if info is not None else 0)
-              .shuffle(1000).decode("rgb8").to_tuple("jpg", "cls").batched(self.batch_size, collation_fn=collate))
+        ds = (
+            wds.WebDataset(
+                self.urls,
+                resampled=True,
+                shardshuffle=False,
+                nodesplitter=None,
+                empty_check=False,
+                seed=info.id if info is not None else 0,
+            )
+            .shuffle(1000)
+            .decode("rgb8")
+            .to_tuple("jpg", "cls")
+            .batched(self.batch_size, collation_fn=collate)
+        )
         for index, (images, labels) in enumerate(ds):
             if self.size is None:
                 batch = vision.labeled_batch(images, labels)
@@ -142,8 +156,9 @@ def _wds_case(urls: list[str], workers: int, batch_size: int, size: int | None, 
 
     main = _MainPeak() if workers == 0 else None
     dataset = _wds_pipeline_class()(urls, batch_size, size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                         prefetch_factor=2 if workers else None)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None
+    )
     peaks: list[float] = []
 
     def count(item):
@@ -213,8 +228,15 @@ def _decode_rows(shard_dir: Path, jpeg_dirs: dict[int, list[str]], n: int = 2000
         t0 = time.perf_counter()
         for p in payloads:
             fn(p)
-        rows.append({"case": f"decode 1x28x28 ({name})", "impl": "-", "workers": "-",
-                     "rate": n / (time.perf_counter() - t0), "unit": "images/s"})
+        rows.append(
+            {
+                "case": f"decode 1x28x28 ({name})",
+                "impl": "-",
+                "workers": "-",
+                "rate": n / (time.perf_counter() - t0),
+                "unit": "images/s",
+            }
+        )
     for side, paths in jpeg_dirs.items():
         with tarfile.open(paths[0]) as tf:
             jpegs = []
@@ -229,8 +251,15 @@ def _decode_rows(shard_dir: Path, jpeg_dirs: dict[int, list[str]], n: int = 2000
             t0 = time.perf_counter()
             for b in data:
                 fn(b)
-            rows.append({"case": f"decode {side}px RGB JPEG", "impl": name, "workers": "-",
-                         "rate": count / (time.perf_counter() - t0), "unit": "images/s"})
+            rows.append(
+                {
+                    "case": f"decode {side}px RGB JPEG",
+                    "impl": name,
+                    "workers": "-",
+                    "rate": count / (time.perf_counter() - t0),
+                    "unit": "images/s",
+                }
+            )
     return rows
 
 
@@ -250,8 +279,11 @@ def run(args: argparse.Namespace) -> int:
     def add(row: dict) -> None:
         rows.append(row)
         peak = row.get("peak_mib_per_worker")
-        print(f"  {row['case']:34s} {row['impl']:10s} workers={row['workers']}: {row['rate']:,.0f} {row['unit']}"
-              + (f", peak {peak:,.0f} MiB/worker" if peak is not None else ""), flush=True)
+        print(
+            f"  {row['case']:34s} {row['impl']:10s} workers={row['workers']}: {row['rate']:,.0f} {row['unit']}"
+            + (f", peak {peak:,.0f} MiB/worker" if peak is not None else ""),
+            flush=True,
+        )
 
     with tempfile.TemporaryDirectory(prefix="sslscale-bench-data-") as tmp:
         tmp = Path(tmp)
@@ -263,53 +295,104 @@ def run(args: argparse.Namespace) -> int:
                 jpeg_dirs[side] = _write_jpeg_shards(tmp / f"jpeg{side}", side, shard_mb)
         for r in _decode_rows(tmp / "fm", jpeg_dirs):
             add(r)
-        jpeg_cases = [(f"two-view JPEG {side}->{size}px", size, side, "simclr", jpeg_batches)
-                      for size, side in JPEG_CASES]
-        jpeg_cases.append((f"decode+batch JPEG {JPEG_CASES[-1][1]}px", None, JPEG_CASES[-1][1], "labeled",
-                           4 * jpeg_batches))  # the data path alone: read, decode, batch; no augmentation
+        jpeg_cases = [
+            (f"two-view JPEG {side}->{size}px", size, side, "simclr", jpeg_batches) for size, side in JPEG_CASES
+        ]
+        jpeg_cases.append(
+            (f"decode+batch JPEG {JPEG_CASES[-1][1]}px", None, JPEG_CASES[-1][1], "labeled", 4 * jpeg_batches)
+        )  # the data path alone: read, decode, batch; no augmentation
         for name, size, side, pipeline, n in jpeg_cases if "jpeg" not in skip else ():
             urls = jpeg_dirs[side]
             mb = Path(urls[0]).stat().st_size / (1 << 20)
             key = "view1" if size is not None else "image"
             for w in workers:
-                spec = StreamSpec(shards=urls, pipeline=pipeline, batch_size=args.jpeg_batch_size, num_workers=w,
-                                  mode="resampled", seed=0, image_size=size, channels=3)
+                spec = StreamSpec(
+                    shards=urls,
+                    pipeline=pipeline,
+                    batch_size=args.jpeg_batch_size,
+                    num_workers=w,
+                    mode="resampled",
+                    seed=0,
+                    image_size=size,
+                    channels=3,
+                )
                 runs: dict[str, list[dict]] = {"sslscale": [], "webdataset": []}
                 # ABBA: the shared machine's speed drifts within minutes; each side is measured twice
                 for impl in ("sslscale", "webdataset", "webdataset", "sslscale"):
                     if impl == "webdataset" and "wds" in skip:
                         continue
-                    runs[impl].append(_stream_case(spec, warmup, n, lambda b, k=key: b[k].shape[0])
-                                      if impl == "sslscale" else
-                                      _wds_case(urls, w, args.jpeg_batch_size, size, warmup, n))
+                    runs[impl].append(
+                        _stream_case(spec, warmup, n, lambda b, k=key: b[k].shape[0])
+                        if impl == "sslscale"
+                        else _wds_case(urls, w, args.jpeg_batch_size, size, warmup, n)
+                    )
                 for impl, results in runs.items():
                     if results:
-                        add({"case": name, "impl": impl, "workers": w, "unit": "samples/s", "shard_mb": mb,
-                             "rate": sum(r["rate"] for r in results) / len(results),
-                             "rates": [r["rate"] for r in results],
-                             "first_batch_s": max(r["first_batch_s"] for r in results),
-                             "peak_mib_per_worker": max((r["peak_mib_per_worker"] or 0) for r in results)})
+                        add(
+                            {
+                                "case": name,
+                                "impl": impl,
+                                "workers": w,
+                                "unit": "samples/s",
+                                "shard_mb": mb,
+                                "rate": sum(r["rate"] for r in results) / len(results),
+                                "rates": [r["rate"] for r in results],
+                                "first_batch_s": max(r["first_batch_s"] for r in results),
+                                "peak_mib_per_worker": max((r["peak_mib_per_worker"] or 0) for r in results),
+                            }
+                        )
         if "fmnist" not in skip:
-            for label, extra in (("two-view fashion-mnist", {}), ("two-view fashion-mnist streamed",
-                                                                  {"in_memory_mb": 0})):
+            for label, extra in (
+                ("two-view fashion-mnist", {}),
+                ("two-view fashion-mnist streamed", {"in_memory_mb": 0}),
+            ):
                 for w in workers:
-                    spec = StreamSpec(shards=str(tmp / "fm"), pipeline="simclr", batch_size=args.batch_size,
-                                      num_workers=w, mode="resampled", seed=0, **extra)
-                    add({"case": label, "impl": "sslscale", "workers": w, "unit": "samples/s",
-                         **_stream_case(spec, warmup, batches, lambda b: b["view1"].shape[0])})
+                    spec = StreamSpec(
+                        shards=str(tmp / "fm"),
+                        pipeline="simclr",
+                        batch_size=args.batch_size,
+                        num_workers=w,
+                        mode="resampled",
+                        seed=0,
+                        **extra,
+                    )
+                    add(
+                        {
+                            "case": label,
+                            "impl": "sslscale",
+                            "workers": w,
+                            "unit": "samples/s",
+                            **_stream_case(spec, warmup, batches, lambda b: b["view1"].shape[0]),
+                        }
+                    )
         if "text" not in skip:
-            write_shards("bbc-news", "train", tmp / "bbc", per_shard=100, limit=400 if args.quick else None,
-                         vocab_size=8000)
+            write_shards(
+                "bbc-news", "train", tmp / "bbc", per_shard=100, limit=400 if args.quick else None, vocab_size=8000
+            )
             cases = [
                 ("mlm bbc-news", dict(pipeline="mlm"), "tokens/s", lambda b: int(b["attention_mask"].sum())),
                 ("clm bbc-news", dict(pipeline="clm"), "tokens/s", lambda b: b["input_ids"].numel()),
             ]
             for name, kw, unit, count in cases:
                 for w in workers:
-                    spec = StreamSpec(shards=str(tmp / "bbc"), **kw, seq_len=args.seq_len, batch_size=args.batch_size,
-                                      num_workers=w, mode="resampled", seed=0)
-                    add({"case": name, "impl": "sslscale", "workers": w, "unit": unit,
-                         **_stream_case(spec, warmup, batches, count)})
+                    spec = StreamSpec(
+                        shards=str(tmp / "bbc"),
+                        **kw,
+                        seq_len=args.seq_len,
+                        batch_size=args.batch_size,
+                        num_workers=w,
+                        mode="resampled",
+                        seed=0,
+                    )
+                    add(
+                        {
+                            "case": name,
+                            "impl": "sslscale",
+                            "workers": w,
+                            "unit": unit,
+                            **_stream_case(spec, warmup, batches, count),
+                        }
+                    )
     common.print_table(rows, ["case", "impl", "workers", "rate", "unit", "first_batch_s", "peak_mib_per_worker"])
     two_view = [r["rate"] for r in rows if r["case"] == "two-view fashion-mnist"]
     target = 2000.0
@@ -320,8 +403,18 @@ def run(args: argparse.Namespace) -> int:
             pair = {r["impl"]: r["rate"] for r in rows if r["case"] == name and r["workers"] == w}
             if len(pair) == 2:
                 print(f"{name}, {w} workers: sslscale / webdataset = {pair['sslscale'] / pair['webdataset']:.2f}x")
-    common.write_json(args.out, "data", {"batch_size": args.batch_size, "jpeg_batch_size": args.jpeg_batch_size,
-                                         "seq_len": args.seq_len, "timed_batches": batches,
-                                         "jpeg_timed_batches": jpeg_batches, "shard_mb": shard_mb, "rows": rows,
-                                         "two_view_target": target})
+    common.write_json(
+        args.out,
+        "data",
+        {
+            "batch_size": args.batch_size,
+            "jpeg_batch_size": args.jpeg_batch_size,
+            "seq_len": args.seq_len,
+            "timed_batches": batches,
+            "jpeg_timed_batches": jpeg_batches,
+            "shard_mb": shard_mb,
+            "rows": rows,
+            "two_view_target": target,
+        },
+    )
     return 0

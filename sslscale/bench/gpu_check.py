@@ -34,8 +34,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_TEST_FILES = [
-    "tests/test_infonce.py", "tests/test_infonce_triton.py", "tests/test_infonce_cuda.py",
-    "tests/test_attention.py", "tests/test_attention_triton.py", "tests/test_attention_strided.py",
+    "tests/test_infonce.py",
+    "tests/test_infonce_triton.py",
+    "tests/test_infonce_cuda.py",
+    "tests/test_attention.py",
+    "tests/test_attention_triton.py",
+    "tests/test_attention_strided.py",
 ]
 BUDGETS = {"build": 360, "extension": 60, "tests": 300, "matmul": 60, "infonce": 150, "attention": 210}
 INFONCE_PAIRS = [1024, 4096, 16384, 32768]  # rows = 2 x pairs: 2k .. 64k
@@ -73,6 +77,7 @@ def output_path(explicit: str | None = None) -> Path:
 
 # ------------------------------------------------------------------------------------------- probes (patchable)
 
+
 def device_info() -> dict:
     import torch
 
@@ -85,16 +90,21 @@ def device_info() -> dict:
         info["triton"] = None
     if info["cuda_available"]:
         props = torch.cuda.get_device_properties(0)
-        info.update(device=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
-                    memory_gib=round(props.total_memory / 2**30, 1))
+        info.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            sms=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+        )
     return info
 
 
 def _run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int | None, str]:
     """(exit status or None when it timed out, combined output tail)."""
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(timeout, 1),
-                              env={**os.environ, **(env or {})})
+        proc = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(timeout, 1), env={**os.environ, **(env or {})}
+        )
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or b"") + (exc.stderr or b"")
         return None, (out.decode(errors="replace") if isinstance(out, bytes) else out)[-4000:]
@@ -102,8 +112,10 @@ def _run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int |
 
 
 def build_extension(capability: str, timeout: float) -> tuple[int | None, str]:
-    env = {"TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", capability),
-           "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 4))}
+    env = {
+        "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", capability),
+        "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 4)),
+    }
     return _run([sys.executable, "setup.py", "build_ext", "--inplace"], timeout, env)
 
 
@@ -122,8 +134,19 @@ def extension_status(timeout: float) -> dict:
 
 
 def run_tests(timeout: float, junit: Path) -> tuple[int | None, str]:
-    args = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "-m", "gpu",
-            f"--junitxml={junit}", *GPU_TEST_FILES]
+    args = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-rfEs",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "gpu",
+        f"--junitxml={junit}",
+        *GPU_TEST_FILES,
+    ]
     try:
         import xdist  # noqa: F401  (parallel Triton compiles)
 
@@ -150,8 +173,12 @@ def junit_summary(path: Path) -> dict:
                 elif child.tag in ("failure", "error"):
                     counts["failures" if child.tag == "failure" else "errors"] += 1
                     failed.append(f"{name}: {child.get('message', '')[:160]}")
-    return {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-            "skipped_tests": skipped[:50], "failed_tests": failed[:50]}
+    return {
+        **counts,
+        "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+        "skipped_tests": skipped[:50],
+        "failed_tests": failed[:50],
+    }
 
 
 def judge_tests(summary: dict) -> str:
@@ -164,14 +191,24 @@ def judge_tests(summary: dict) -> str:
 def run_child(section: str, timeout: float, extra: dict) -> tuple[int | None, dict, str]:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "sslscale.cli", "bench", "gpu-check", "--section", section,
-               "--result", str(result)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sslscale.cli",
+            "bench",
+            "gpu-check",
+            "--section",
+            section,
+            "--result",
+            str(result),
+        ]
         status, out = _run(cmd, timeout, {"TRITON_INTERPRET": "0", "SSLSCALE_GPU_CHECK_ARGS": json.dumps(extra)})
         data = json.loads(result.read_text()) if result.exists() else {}
     return status, data, out
 
 
 # --------------------------------------------------------------------------------------- benchmark sections (child)
+
 
 def _time_ms(fn, reps: int = 5) -> float:
     """Median of `reps` calls timed with CUDA events, after one warm-up call."""
@@ -251,8 +288,7 @@ def bench_infonce(matmul_tflops: float) -> dict:
                     rows.append({**row, "note": "out of memory"})
                     continue
                 tflops = 10.0 * m * m * d / (ms * 1e-3) / 1e12
-                rows.append({**row, "ms": ms, "peak_gib": peak, "tflops": tflops,
-                             "of_matmul": tflops / matmul_tflops})
+                rows.append({**row, "ms": ms, "peak_gib": peak, "tflops": tflops, "of_matmul": tflops / matmul_tflops})
                 fits.setdefault((backend, d), []).append((m, peak))
             if "reference" in losses:  # the same loss as the reference, on these very inputs
                 for row in rows:
@@ -266,8 +302,15 @@ def bench_infonce(matmul_tflops: float) -> dict:
         m, peak = max(points)
         per = peak * 2**30 / (m * m if backend == "reference" else m)  # reference: O(m^2); fused: O(m d)
         limit = (total / per) ** 0.5 if backend == "reference" else total / per
-        largest.append({"backend": backend, "d": d, "largest_rows_measured": m,
-                        "rows_that_fit_estimated": int(limit), "model": "m^2" if backend == "reference" else "m"})
+        largest.append(
+            {
+                "backend": backend,
+                "d": d,
+                "largest_rows_measured": m,
+                "rows_that_fit_estimated": int(limit),
+                "model": "m^2" if backend == "reference" else "m",
+            }
+        )
     return {"rows": rows, "largest_batch": largest, "flops_counted": "10*m*n*d per call (SimCLR, m = n = rows)"}
 
 
@@ -283,6 +326,7 @@ def bench_attention(matmul_tflops: float) -> dict:
         def run(q, k, v):
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
         return run
 
     impls = {"sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
@@ -294,8 +338,10 @@ def bench_attention(matmul_tflops: float) -> dict:
         for t in ATTN_SEQ:
             b = max(1, ATTN_TOKENS // t)
             fwd_flops, fb_flops = causal_flops(b, ATTN_HEADS, t, d)
-            q, k, v = (torch.randn(b, ATTN_HEADS, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                       for _ in range(3))
+            q, k, v = (
+                torch.randn(b, ATTN_HEADS, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(3)
+            )
             g = torch.randn_like(q)
             for name, fn in impls.items():
                 row = {"D": d, "T": t, "B": b, "H": ATTN_HEADS, "impl": name}
@@ -306,8 +352,16 @@ def bench_attention(matmul_tflops: float) -> dict:
                 except (RuntimeError, torch.OutOfMemoryError) as exc:
                     rows.append({**row, "note": f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"})
                     continue
-                rows.append({**row, "fwd_ms": fwd, "fb_ms": fb, "fwd_tflops": fwd_flops / fwd / 1e9,
-                             "fb_tflops": fb_flops / fb / 1e9, "fwd_of_matmul": fwd_flops / fwd / 1e9 / matmul_tflops})
+                rows.append(
+                    {
+                        **row,
+                        "fwd_ms": fwd,
+                        "fb_ms": fb,
+                        "fwd_tflops": fwd_flops / fwd / 1e9,
+                        "fb_tflops": fb_flops / fb / 1e9,
+                        "fwd_of_matmul": fwd_flops / fwd / 1e9 / matmul_tflops,
+                    }
+                )
             del q, k, v, g
             torch.cuda.empty_cache()
     # (B, T, H, D) projections viewed as (B, H, T, D): read in place vs copied first (the old behaviour)
@@ -319,15 +373,27 @@ def bench_attention(matmul_tflops: float) -> dict:
         views = [y.transpose(1, 2) for y in x]
         view_ms = _time_ms(lambda: impls[name](*views).transpose(1, 2).reshape(b, t, -1))
         copy_ms = _time_ms(lambda: impls[name](*(y.contiguous() for y in views)).transpose(1, 2).reshape(b, t, -1))
-        layout.append({"impl": name, "T": t, "D": d, "B": b, "view_ms": view_ms, "copy_ms": copy_ms,
-                       "copy_cost": copy_ms / view_ms - 1})
+        layout.append(
+            {
+                "impl": name,
+                "T": t,
+                "D": d,
+                "B": b,
+                "view_ms": view_ms,
+                "copy_ms": copy_ms,
+                "copy_cost": copy_ms / view_ms - 1,
+            }
+        )
     return {"rows": rows, "layout": layout, "flops_counted": "causal: fwd 2*B*H*T^2*D, fwd+bwd 3.5x that"}
 
 
 def child(section: str, result: str) -> int:
     extra = json.loads(os.environ.get("SSLSCALE_GPU_CHECK_ARGS", "{}"))
-    runners = {"matmul": lambda: bench_matmul(), "infonce": lambda: bench_infonce(extra["matmul_tflops"]),
-               "attention": lambda: bench_attention(extra["matmul_tflops"])}
+    runners = {
+        "matmul": lambda: bench_matmul(),
+        "infonce": lambda: bench_infonce(extra["matmul_tflops"]),
+        "attention": lambda: bench_attention(extra["matmul_tflops"]),
+    }
     data = runners[section]()
     Path(result).write_text(json.dumps(data, indent=1))
     return 0
@@ -335,18 +401,23 @@ def child(section: str, result: str) -> int:
 
 # ------------------------------------------------------------------------------------------------------ driver
 
+
 def _summary(sections: dict[str, Section], report: dict) -> list[str]:
     lines = ["gpu-check summary:"]
     for s in sections.values():
         lines.append(f"  {s.name:<12} {s.status:<10} {s.seconds:6.1f} s")
     for row in report.get("infonce", {}).get("rows", []):
         if row.get("rows") == 2 * INFONCE_PAIRS[-1] and "tflops" in row:
-            lines.append(f"  infonce {row['backend']:<9} d={row['d']:<5} {row['rows']} rows: {row['ms']:.1f} ms, "
-                         f"{row['tflops']:.0f} TFLOP/s = {row['of_matmul']:.2f} of matmul, {row['peak_gib']:.2f} GiB")
+            lines.append(
+                f"  infonce {row['backend']:<9} d={row['d']:<5} {row['rows']} rows: {row['ms']:.1f} ms, "
+                f"{row['tflops']:.0f} TFLOP/s = {row['of_matmul']:.2f} of matmul, {row['peak_gib']:.2f} GiB"
+            )
     for row in report.get("attention", {}).get("rows", []):
         if row.get("T") == ATTN_SEQ[-1] and "fwd_tflops" in row:
-            lines.append(f"  attention {row['impl']:<10} D={row['D']:<4} T={row['T']}: fwd {row['fwd_tflops']:.0f}, "
-                         f"fwd+bwd {row['fb_tflops']:.0f} TFLOP/s")
+            lines.append(
+                f"  attention {row['impl']:<10} D={row['D']:<4} T={row['T']}: fwd {row['fwd_tflops']:.0f}, "
+                f"fwd+bwd {row['fb_tflops']:.0f} TFLOP/s"
+            )
     return lines
 
 
@@ -434,6 +505,7 @@ def run(args: argparse.Namespace) -> int:
             if status != 0:
                 s.detail["log_tail"] = log[-2000:]
             s.status = "passed" if status == 0 else ("timed out" if status is None else "failed")
+
         return section
 
     timed(sections["build"], build)

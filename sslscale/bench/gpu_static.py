@@ -34,8 +34,15 @@ INFONCE_DIMS = (256, 512, 1024)
 PAIRS_PER_RANK = 1024
 WORLDS = (1, 8)
 CTYPES = {"bf16": "__nv_bfloat16", "fp16": "__half", "fp32": "float"}
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DSSLSCALE_WITH_CUDA",
-              "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+NVCC_FLAGS = [
+    "-O3",
+    "-std=c++17",
+    "--use_fast_math",
+    "-lineinfo",
+    "-DSSLSCALE_WITH_CUDA",
+    "-U__CUDA_NO_HALF_OPERATORS__",
+    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- CUDA (nvcc)
+
 
 def _nvcc() -> str | None:
     found = shutil.which("nvcc")
@@ -70,9 +78,20 @@ def build_cuda_report(tmp: Path) -> tuple[dict[str, dict], Path, str]:
         raise RuntimeError("nvcc not found (PATH or /usr/local/cuda/bin)")
     sources = sorted(str(p) for p in CSRC.glob("*/*.cu"))
     exe = tmp / "launch_report"
-    cmd = [nvcc, "-o", str(exe), f"-I{CSRC}", *(f"-I{CSRC / d}" for d in ("attention", "infonce")),
-           str(CSRC / "tools" / "launch_report.cpp"), *sources, "-gencode", "arch=compute_90,code=sm_90",
-           *NVCC_FLAGS, "-Xptxas", "-v"]
+    cmd = [
+        nvcc,
+        "-o",
+        str(exe),
+        f"-I{CSRC}",
+        *(f"-I{CSRC / d}" for d in ("attention", "infonce")),
+        str(CSRC / "tools" / "launch_report.cpp"),
+        *sources,
+        "-gencode",
+        "arch=compute_90,code=sm_90",
+        *NVCC_FLAGS,
+        "-Xptxas",
+        "-v",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -92,11 +111,24 @@ def _row(backend, op, kernel, dtype, dim, config, threads, smem, resources, grid
     occ = occupancy(resources.registers, threads, smem + resources.static_smem_bytes)
     programs = grid[0] * grid[1]
     return {
-        "backend": backend, "op": op, "kernel": kernel, "dtype": dtype, "dim": dim, "config": config,
-        "threads": threads, "registers": resources.registers, "spill_bytes": resources.spills,
-        "stack_bytes": resources.stack_bytes, "smem_bytes": smem + resources.static_smem_bytes,
-        "blocks_per_sm": occ.blocks_per_sm, "limiter": occ.limiter, "shape": shape, "grid": list(grid),
-        "programs": programs, "waves": round(waves(programs, occ.blocks_per_sm), 2), "tensor_cores": tensor_cores,
+        "backend": backend,
+        "op": op,
+        "kernel": kernel,
+        "dtype": dtype,
+        "dim": dim,
+        "config": config,
+        "threads": threads,
+        "registers": resources.registers,
+        "spill_bytes": resources.spills,
+        "stack_bytes": resources.stack_bytes,
+        "smem_bytes": smem + resources.static_smem_bytes,
+        "blocks_per_sm": occ.blocks_per_sm,
+        "limiter": occ.limiter,
+        "shape": shape,
+        "grid": list(grid),
+        "programs": programs,
+        "waves": round(waves(programs, occ.blocks_per_sm), 2),
+        "tensor_cores": tensor_cores,
     }
 
 
@@ -141,9 +173,22 @@ def cuda_rows(dims_attn, dims_infonce) -> list[dict]:
                     key = f"{launch['kernel']}<{d}>"
                     res = kernels[key]
                     config = f"{launch['block_rows']}x{launch['block_cols']}"
-                    rows.append(_row("cuda", "attention", launch["kernel"], dtype, d, config, launch["threads"],
-                                     launch["smem_bytes"], res, launch["grid"], f"B{b} H{h} T{t}",
-                                     sass.get(key, "?")))
+                    rows.append(
+                        _row(
+                            "cuda",
+                            "attention",
+                            launch["kernel"],
+                            dtype,
+                            d,
+                            config,
+                            launch["threads"],
+                            launch["smem_bytes"],
+                            res,
+                            launch["grid"],
+                            f"B{b} H{h} T{t}",
+                            sass.get(key, "?"),
+                        )
+                    )
         modes = {"forward": 0, "rows": 1, "cols": 2}
         for dtype in ("bf16", "fp16", "fp32"):
             for d in dims_infonce:
@@ -154,9 +199,20 @@ def cuda_rows(dims_attn, dims_infonce) -> list[dict]:
                         mode = next(v for k, v in modes.items() if f"<{k}" in name)
                         reg = "true" if "registers" in name else "false"
                         key = f"infonce_kernel<{CTYPES[dtype]}, {mode}, {reg}>"
-                        row = _row("cuda", "infonce", name, dtype, d, "64x64", launch["threads"],
-                                   launch["smem_bytes"], kernels[key], launch["grid"], f"m{m} n{m * world}",
-                                   sass.get(key, "?"))
+                        row = _row(
+                            "cuda",
+                            "infonce",
+                            name,
+                            dtype,
+                            d,
+                            "64x64",
+                            launch["threads"],
+                            launch["smem_bytes"],
+                            kernels[key],
+                            launch["grid"],
+                            f"m{m} n{m * world}",
+                            sass.get(key, "?"),
+                        )
                         row["world"] = world
                         row["blocks_per_sm_assumed"] = launch["blocks_per_sm_assumed"]
                         rows.append(row)
@@ -164,6 +220,7 @@ def cuda_rows(dims_attn, dims_infonce) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------------- Triton
+
 
 def _triton_modules():
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -198,21 +255,43 @@ def triton_rows(dims_attn, dims_infonce) -> list[dict]:
             st = q.stride()[:3]
             kernels = {
                 "fwd": (_jit(attn._fwd_kernel), (q, q, q, q, lse, 0.1, *st * 4, h, t, 1), "BLOCK_M", b * h),
-                "dq": (_jit(attn._bwd_dq_kernel), (q, q, q, q, lse, lse, q, 0.1, 0.1, *st * 5, h, t, 1), "BLOCK_M",
-                       b * h),
-                "dkdv": (_jit(attn._bwd_dkdv_kernel), (q, q, q, q, lse, lse, q, q, 0.1, 0.1, *st * 6, h, hkv, t, 1),
-                         "BLOCK_N", b * hkv),
+                "dq": (
+                    _jit(attn._bwd_dq_kernel),
+                    (q, q, q, q, lse, lse, q, 0.1, 0.1, *st * 5, h, t, 1),
+                    "BLOCK_M",
+                    b * h,
+                ),
+                "dkdv": (
+                    _jit(attn._bwd_dkdv_kernel),
+                    (q, q, q, q, lse, lse, q, q, 0.1, 0.1, *st * 6, h, hkv, t, 1),
+                    "BLOCK_N",
+                    b * hkv,
+                ),
             }
             for name, (fn, args, tile_key, heads) in kernels.items():
                 for cfg in attn.configs_for(name, d, fp32_dot):
-                    kw = dict(HEAD_DIM=d, FP32_DOT=fp32_dot, **cfg.kwargs, num_warps=cfg.num_warps,
-                              num_stages=cfg.num_stages)
+                    kw = dict(
+                        HEAD_DIM=d, FP32_DOT=fp32_dot, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+                    )
                     c = compile_kernel(fn, args, kw)
                     config = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
                     grid = (-(-t // cfg.kwargs[tile_key]) * heads, 1)
-                    rows.append(_row("triton", "attention", name, dtype_name, d, config, c.threads, c.shared_bytes,
-                                     c.resources, grid, f"B{b} H{h} T{t}", "wgmma" if c.uses("wgmma") else
-                                     ("mma.sync" if c.uses("mma.sync") else "none")))
+                    rows.append(
+                        _row(
+                            "triton",
+                            "attention",
+                            name,
+                            dtype_name,
+                            d,
+                            config,
+                            c.threads,
+                            c.shared_bytes,
+                            c.resources,
+                            grid,
+                            f"B{b} H{h} T{t}",
+                            "wgmma" if c.uses("wgmma") else ("mma.sync" if c.uses("mma.sync") else "none"),
+                        )
+                    )
     m = 2 * PAIRS_PER_RANK
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         for d in dims_infonce:
@@ -221,26 +300,49 @@ def triton_rows(dims_attn, dims_infonce) -> list[dict]:
             idx = torch.empty(m, dtype=torch.int64)
             part = torch.empty(4, m)
             grads = torch.empty(m)
-            common_kw = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, INTERPRET=False,
-                             PRECISION=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            common_kw = dict(
+                BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n,
+                BLOCK_K=cfg.block_k,
+                INTERPRET=False,
+                PRECISION=cfg.precision,
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
             bwd_kw = dict(common_kw, BLOCK_D=cfg.block_d, REGISTER_ACC=cfg.register_acc, BF16_GRAD=cfg.bf16_grad)
             out = torch.empty(4, m, d, dtype=torch.float32)
             compiled = {
-                "forward": compile_kernel(_jit(nce._fwd_kernel), (rows_t, rows_t, idx, idx, part, part, m, m, d, 256),
-                                          common_kw),
-                "d_rows": compile_kernel(_jit(nce._bwd_rows_kernel),
-                                         (grads, rows_t, rows_t, idx, idx, grads, out, m, m, d, 256), bwd_kw),
-                "d_cols": compile_kernel(_jit(nce._bwd_cols_kernel),
-                                         (grads, rows_t, rows_t, idx, idx, grads, out, m, m, d, 256), bwd_kw),
+                "forward": compile_kernel(
+                    _jit(nce._fwd_kernel), (rows_t, rows_t, idx, idx, part, part, m, m, d, 256), common_kw
+                ),
+                "d_rows": compile_kernel(
+                    _jit(nce._bwd_rows_kernel), (grads, rows_t, rows_t, idx, idx, grads, out, m, m, d, 256), bwd_kw
+                ),
+                "d_cols": compile_kernel(
+                    _jit(nce._bwd_cols_kernel), (grads, rows_t, rows_t, idx, idx, grads, out, m, m, d, 256), bwd_kw
+                ),
             }
             acc = "registers" if cfg.register_acc else "workspace"
-            config = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} D{cfg.block_d} {acc} w{cfg.num_warps} s{cfg.num_stages}"
+            config = (
+                f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} D{cfg.block_d} {acc} w{cfg.num_warps} s{cfg.num_stages}"
+            )
             for world in WORLDS:
                 plan = nce.launch_plan(m, m * world, d, dtype, SM90.sms, interpreted=False)
                 for name, c in compiled.items():
-                    row = _row("triton", "infonce", name, dtype_name, d, config, c.threads, c.shared_bytes,
-                               c.resources, plan[name]["grid"], f"m{m} n{m * world}",
-                               "wgmma" if c.uses("wgmma") else ("mma.sync" if c.uses("mma.sync") else "none"))
+                    row = _row(
+                        "triton",
+                        "infonce",
+                        name,
+                        dtype_name,
+                        d,
+                        config,
+                        c.threads,
+                        c.shared_bytes,
+                        c.resources,
+                        plan[name]["grid"],
+                        f"m{m} n{m * world}",
+                        "wgmma" if c.uses("wgmma") else ("mma.sync" if c.uses("mma.sync") else "none"),
+                    )
                     row["world"] = world
                     row["blocks_per_sm_assumed"] = cfg.blocks_per_sm
                     rows.append(row)
@@ -249,8 +351,10 @@ def triton_rows(dims_attn, dims_infonce) -> list[dict]:
 
 # -------------------------------------------------------------------------------------------------------- targets
 
+
 def evaluate(rows: list[dict]) -> dict:
     """Each target: met or not, and the rows that miss it."""
+
     def names(bad):
         return [f"{r['backend']} {r['op']} {r['kernel']} {r['dtype']} {r['dim']} {r['config']}" for r in bad]
 
@@ -260,24 +364,46 @@ def evaluate(rows: list[dict]) -> dict:
     nce_world1 = [r for r in rows if r["op"] == "infonce" and r.get("world") == 1 and r["dim"] in INFONCE_DIMS]
     few_waves = [r for r in nce_world1 if r["waves"] < 2]
     assumed = []
-    for (backend, dtype, dim) in {(r["backend"], r["dtype"], r["dim"]) for r in nce_world1}:
+    for backend, dtype, dim in {(r["backend"], r["dtype"], r["dim"]) for r in nce_world1}:
         group = [r for r in nce_world1 if (r["backend"], r["dtype"], r["dim"]) == (backend, dtype, dim)]
         reached = max(r["blocks_per_sm"] for r in group)
         if group[0]["blocks_per_sm_assumed"] < reached:
-            assumed.append({**group[0], "kernel": f"plan assumes {group[0]['blocks_per_sm_assumed']}/SM, "
-                                                   f"kernels reach {reached}"})
+            assumed.append(
+                {**group[0], "kernel": f"plan assumes {group[0]['blocks_per_sm_assumed']}/SM, kernels reach {reached}"}
+            )
     return {
         "no_spills": {"met": not spills, "misses": names(spills)},
         "launchable": {"met": not unlaunchable, "misses": names(unlaunchable)},
-        "infonce_two_waves_at_1024_pairs_world1": {"met": not few_waves, "misses": [
-            f"{n} ({r['waves']} waves, grid {r['grid']})" for n, r in zip(names(few_waves), few_waves)]},
-        "infonce_plan_occupancy": {"met": not assumed, "misses": [r["kernel"] + f" ({r['backend']} {r['dtype']} "
-                                                                   f"d{r['dim']})" for r in assumed]},
+        "infonce_two_waves_at_1024_pairs_world1": {
+            "met": not few_waves,
+            "misses": [f"{n} ({r['waves']} waves, grid {r['grid']})" for n, r in zip(names(few_waves), few_waves)],
+        },
+        "infonce_plan_occupancy": {
+            "met": not assumed,
+            "misses": [r["kernel"] + f" ({r['backend']} {r['dtype']} d{r['dim']})" for r in assumed],
+        },
     }
 
 
-COLUMNS = ["backend", "op", "kernel", "dtype", "dim", "config", "threads", "registers", "spill_bytes",
-           "stack_bytes", "smem_bytes", "blocks_per_sm", "limiter", "shape", "grid", "waves", "tensor_cores"]
+COLUMNS = [
+    "backend",
+    "op",
+    "kernel",
+    "dtype",
+    "dim",
+    "config",
+    "threads",
+    "registers",
+    "spill_bytes",
+    "stack_bytes",
+    "smem_bytes",
+    "blocks_per_sm",
+    "limiter",
+    "shape",
+    "grid",
+    "waves",
+    "tensor_cores",
+]
 
 
 def markdown(rows: list[dict], targets: dict) -> str:
@@ -286,8 +412,10 @@ def markdown(rows: list[dict], targets: dict) -> str:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |")
     lines.append("")
     for name, result in targets.items():
-        lines.append(f"- {name}: {'met' if result['met'] else 'MISSED'}"
-                     + ("" if result["met"] else ": " + "; ".join(result["misses"])))
+        lines.append(
+            f"- {name}: {'met' if result['met'] else 'MISSED'}"
+            + ("" if result["met"] else ": " + "; ".join(result["misses"]))
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -308,12 +436,23 @@ def run(args: argparse.Namespace) -> int:
     printable = [{**r, "grid": "x".join(map(str, r["grid"]))} for r in rows]
     common.print_table(printable, COLUMNS)
     for name, result in targets.items():
-        print(f"{name}: {'met' if result['met'] else 'MISSED'}"
-              + ("" if result["met"] else "\n  " + "\n  ".join(result["misses"])))
-    out = common.write_json(args.out or "bench-results/gpu-static.json", "gpu-static", {
-        "target": SM90.name, "sms": SM90.sms, "attention_shape": dict(zip(("B", "H", "Hkv", "T"), ATTN_SHAPE)),
-        "infonce_rows_per_rank": 2 * PAIRS_PER_RANK, "rows": rows, "targets": targets, "notes": notes,
-    })
+        print(
+            f"{name}: {'met' if result['met'] else 'MISSED'}"
+            + ("" if result["met"] else "\n  " + "\n  ".join(result["misses"]))
+        )
+    out = common.write_json(
+        args.out or "bench-results/gpu-static.json",
+        "gpu-static",
+        {
+            "target": SM90.name,
+            "sms": SM90.sms,
+            "attention_shape": dict(zip(("B", "H", "Hkv", "T"), ATTN_SHAPE)),
+            "infonce_rows_per_rank": 2 * PAIRS_PER_RANK,
+            "rows": rows,
+            "targets": targets,
+            "notes": notes,
+        },
+    )
     md = out.with_suffix(".md")
     md.write_text(markdown(printable, targets))
     print(f"wrote {md}")

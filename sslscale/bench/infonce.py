@@ -94,8 +94,10 @@ def run(args: argparse.Namespace) -> int:
 
     common.peak_extra_bytes(lambda: None, device)  # pins the allocator before anything is allocated
     matmul_tflops = common.matmul_gflops(device, dtype=DTYPES[args.dtype]) / 1e3
-    print(f"infonce {args.mode} {args.dtype} on {device.type}, tau={args.temperature}, "
-          f"{torch.get_num_threads()} threads; dense matmul {matmul_tflops * 1e3:.0f} GFLOP/s")
+    print(
+        f"infonce {args.mode} {args.dtype} on {device.type}, tau={args.temperature}, "
+        f"{torch.get_num_threads()} threads; dense matmul {matmul_tflops * 1e3:.0f} GFLOP/s"
+    )
 
     for backend in ["reference", *fused]:  # one-off set-up (thread pools, BLAS buffers) outside the measurements
         if availability("infonce", backend, device).usable:
@@ -113,23 +115,38 @@ def run(args: argparse.Namespace) -> int:
                     row["time_vs_ref"] = row["ms"] / ref["ms"]
                     row["mem_ref_over"] = ref["peak_bytes"] / max(row["peak_bytes"], 1024)
                 rows.append(row)
-            for r in rows[-1 - len(fused):]:
+            for r in rows[-1 - len(fused) :]:
                 if "tflops" in r:
                     r["of_matmul"] = r["tflops"] / matmul_tflops
-            print(f"  d={d} B={pairs}: " + ", ".join(
-                f"{r['backend']} {r['ms']:.1f} ms" if "ms" in r else f"{r['backend']} ({r['note']})"
-                for r in rows[-1 - len(fused):]), flush=True)
+            print(
+                f"  d={d} B={pairs}: "
+                + ", ".join(
+                    f"{r['backend']} {r['ms']:.1f} ms" if "ms" in r else f"{r['backend']} ({r['note']})"
+                    for r in rows[-1 - len(fused) :]
+                ),
+                flush=True,
+            )
 
     memory = "peak_gib" if device.type == "cuda" else "peak_mib"
-    columns = ["B", "rows", "d", "backend", "ms", memory, "tflops", "of_matmul", "time_vs_ref",
-               "mem_ref_over", "note"]
+    columns = ["B", "rows", "d", "backend", "ms", memory, "tflops", "of_matmul", "time_vs_ref", "mem_ref_over", "note"]
     print()
     common.print_table(rows, columns)
-    print("time_vs_ref: backend time / reference time (lower is better); mem_ref_over: reference peak / backend "
-          "peak (higher is better); tflops: counted 10mnd FLOPs per call")
-    common.write_json(args.out, "infonce", {
-        "device": device.type, "mode": args.mode, "dtype": args.dtype, "temperature": args.temperature,
-        "repeat": repeat, "matmul_tflops": matmul_tflops, "flops_per_call": "10*m*n*d per m x n problem",
-        "results": rows,
-    })
+    print(
+        "time_vs_ref: backend time / reference time (lower is better); mem_ref_over: reference peak / backend "
+        "peak (higher is better); tflops: counted 10mnd FLOPs per call"
+    )
+    common.write_json(
+        args.out,
+        "infonce",
+        {
+            "device": device.type,
+            "mode": args.mode,
+            "dtype": args.dtype,
+            "temperature": args.temperature,
+            "repeat": repeat,
+            "matmul_tflops": matmul_tflops,
+            "flops_per_call": "10*m*n*d per m x n problem",
+            "results": rows,
+        },
+    )
     return 0

@@ -30,11 +30,18 @@ RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "simclr_
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="few steps, small batch (smoke run)")
     parser.add_argument("--config", default=str(RECIPE), help="pretraining YAML whose model/objective is timed")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override (repeatable), e.g. --set model.encoder_kwargs.width=32")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override (repeatable), e.g. --set model.encoder_kwargs.width=32",
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per layout (default 30, quick 6)")
-    parser.add_argument("--batch-size", type=int, default=None, help="micro-batch per process (default: recipe; "
-                                                                     "quick 64)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="micro-batch per process (default: recipe; quick 64)"
+    )
     parser.add_argument("--worlds", default="1,2", help="process counts, comma-separated")
     parser.add_argument("--stages", default="0,1,2,3", help="ZeRO stages, comma-separated")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -53,8 +60,21 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="sslscale-bench-train-") as tmp:
         for world in _ints(args.worlds):
             result = Path(tmp) / f"world{world}.json"
-            cmd = [sys.executable, "-m", "sslscale.cli", "bench", "train", "--worker", str(result),
-                   "--config", args.config, "--stages", args.stages, "--steps", str(steps)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "sslscale.cli",
+                "bench",
+                "train",
+                "--worker",
+                str(result),
+                "--config",
+                args.config,
+                "--stages",
+                args.stages,
+                "--steps",
+                str(steps),
+            ]
             cmd += [x for s in args.overrides for x in ("--set", s)]
             if batch:
                 cmd += ["--batch-size", str(batch)]
@@ -65,9 +85,18 @@ def run(args: argparse.Namespace) -> int:
         row["overhead_pct"] = None if row is plain else 100 * (row["step_ms"] / plain["step_ms"] - 1)
     print_table(rows, ["world", "layout", "batch", "samples_per_s", "step_ms", "overhead_pct"])
     zero0 = [r["overhead_pct"] for r in rows if r["layout"] == "zero0"]
-    write_json(args.out, "train", {"steps": steps, "config": args.config, "overrides": args.overrides,
-                                   "rows": rows, "target": "zero0 overhead_pct <= 10",
-                                   "zero0_overhead_pct": zero0})
+    write_json(
+        args.out,
+        "train",
+        {
+            "steps": steps,
+            "config": args.config,
+            "overrides": args.overrides,
+            "rows": rows,
+            "target": "zero0 overhead_pct <= 10",
+            "zero0_overhead_pct": zero0,
+        },
+    )
     return 0
 
 
@@ -85,10 +114,17 @@ def _launch_ranks(cmd: list[str], world: int, log_dir: Path) -> None:
     port = _free_port()
     procs, logs = [], []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu",
-               "PYTHONWARNINGS": "ignore",
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))}
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "DS_ACCELERATOR": "cpu",
+            "PYTHONWARNINGS": "ignore",
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world))),
+        }
         log = open(log_dir / f"rank{rank}.log", "w")
         logs.append(log)
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -117,13 +153,15 @@ def _worker(args: argparse.Namespace) -> int:
             continue
         stage = int(name[4:])
         run_dir = Path(args.worker).parent / f"run-{name}-w{os.environ.get('WORLD_SIZE', '1')}-{visit}"
-        cfg = config_mod.load(args.config, _bench_overrides(args, steps, run_dir) + [f"zero.stage={stage}",
-                                                                                     "zero.config=null"])
+        cfg = config_mod.load(
+            args.config, _bench_overrides(args, steps, run_dir) + [f"zero.stage={stage}", "zero.config=null"]
+        )
         pretrain(cfg)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         step_s = statistics.median(r["step_time_s"] for r in records[steps:])
-        visits[name].append({"world": dist.get_world_size(), "layout": name, "batch": cfg.data.batch_size,
-                             "step_ms": 1e3 * step_s})
+        visits[name].append(
+            {"world": dist.get_world_size(), "layout": name, "batch": cfg.data.batch_size, "step_ms": 1e3 * step_s}
+        )
     results = []
     for name in layouts:
         step_ms = statistics.mean(v["step_ms"] for v in visits[name])
@@ -137,10 +175,18 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _bench_overrides(args: argparse.Namespace, steps: int, run_dir: Path | None) -> list[str]:
-    sets = list(args.overrides) + ["data.builder=sslscale.train.synthetic:build_stream", "precision=fp32",
-                                   f"schedule.total_steps={2 * steps}", "schedule.warmup_steps=1",
-                                   "logging.every=1", f"checkpoint.every={2 * steps}", "probe.every=0",
-                                   "logging.progress=false", "watchdog_s=0", "grad_accum=1"]
+    sets = list(args.overrides) + [
+        "data.builder=sslscale.train.synthetic:build_stream",
+        "precision=fp32",
+        f"schedule.total_steps={2 * steps}",
+        "schedule.warmup_steps=1",
+        "logging.every=1",
+        f"checkpoint.every={2 * steps}",
+        "probe.every=0",
+        "logging.progress=false",
+        "watchdog_s=0",
+        "grad_accum=1",
+    ]
     if args.batch_size:
         sets.append(f"data.batch_size={args.batch_size}")
     if run_dir is not None:
@@ -161,8 +207,7 @@ def _plain_loop(cfg, steps: int) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     seed_all(cfg.seed)
     model = load_callable(cfg.model.builder, "model.builder")(cfg.model, cfg.objective)
-    stream = load_callable(cfg.data.builder, "data.builder")(cfg.data, cfg.seed, rank, world,
-                                                             **cfg.data.builder_kwargs)
+    stream = load_callable(cfg.data.builder, "data.builder")(cfg.data, cfg.seed, rank, world, **cfg.data.builder_kwargs)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = build_optimizer(cfg.optimizer, model.param_groups())
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -182,5 +227,10 @@ def _plain_loop(cfg, steps: int) -> dict:
             times.append(time.perf_counter() - start)
     assert loss_value == loss_value, "plain loop diverged"
     per_step = statistics.median(times)
-    return {"world": world, "layout": "plain", "batch": cfg.data.batch_size,
-            "samples_per_s": cfg.data.batch_size * world / per_step, "step_ms": 1e3 * per_step}
+    return {
+        "world": world,
+        "layout": "plain",
+        "batch": cfg.data.batch_size,
+        "samples_per_s": cfg.data.batch_size * world / per_step,
+        "step_ms": 1e3 * per_step,
+    }

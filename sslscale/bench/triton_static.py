@@ -56,7 +56,8 @@ def compile_kernel(fn, args: tuple, kwargs: dict[str, Any], target: tuple = HOPP
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the runtime default; silences Triton's warning
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-    from triton.compiler import ASTSource, compile as triton_compile, make_backend
+    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import compile as triton_compile
     from triton.runtime.jit import create_function_from_signature
 
     _check_compilable(fn)
@@ -74,8 +75,16 @@ def compile_kernel(fn, args: tuple, kwargs: dict[str, Any], target: tuple = HOPP
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        cmd = [get_ptxas(gpu.arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src,
-               "-o", os.path.join(tmp, "kernel.cubin")]
+        cmd = [
+            get_ptxas(gpu.arch).path,
+            "-lineinfo",
+            "-v",
+            "--regAllocOptLevel=2",
+            f"--gpu-name={arch}",
+            src,
+            "-o",
+            os.path.join(tmp, "kernel.cubin"),
+        ]
         if not options.enable_fp_fusion:
             cmd.insert(1, "--fmad=false")
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -85,6 +94,10 @@ def compile_kernel(fn, args: tuple, kwargs: dict[str, Any], target: tuple = HOPP
     if len(found) != 1:
         raise RuntimeError(f"expected one entry function in the ptxas log of {fn.__name__}, found {len(found)}")
     return CompiledTriton(
-        name=fn.__name__, num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages,
-        shared_bytes=int(kernel.metadata.shared), resources=found[0], ptx=ptx,
+        name=fn.__name__,
+        num_warps=kernel.metadata.num_warps,
+        num_stages=kernel.metadata.num_stages,
+        shared_bytes=int(kernel.metadata.shared),
+        resources=found[0],
+        ptx=ptx,
     )

@@ -15,6 +15,19 @@ from sslscale.data.sources import SOURCES, label_names, load_arrays, load_source
 from sslscale.data.stream import Stream, StreamSpec, build_stream, preprocessing, read_all
 from sslscale.data.vision import AugmentConfig, Normalize
 
-__all__ = ["AugmentConfig", "CorruptDataError", "Normalize", "PIPELINES", "SOURCES", "Stream", "StreamSpec",
-           "build_stream", "label_names", "load_arrays", "load_source", "preprocessing", "read_all",
-           "register_pipeline"]
+__all__ = [
+    "PIPELINES",
+    "SOURCES",
+    "AugmentConfig",
+    "CorruptDataError",
+    "Normalize",
+    "Stream",
+    "StreamSpec",
+    "build_stream",
+    "label_names",
+    "load_arrays",
+    "load_source",
+    "preprocessing",
+    "read_all",
+    "register_pipeline",
+]

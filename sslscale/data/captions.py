@@ -19,17 +19,28 @@ import hashlib
 import numpy as np
 
 NOUNS = [
-    ["t-shirt", "top", "tee"], ["trousers", "pants", "slacks"], ["pullover", "sweater", "jumper"],
-    ["dress", "frock", "gown"], ["coat", "jacket", "overcoat"], ["sandal", "flip-flop", "summer sandal"],
-    ["shirt", "blouse", "button-up shirt"], ["sneaker", "trainer", "running shoe"], ["bag", "handbag", "purse"],
+    ["t-shirt", "top", "tee"],
+    ["trousers", "pants", "slacks"],
+    ["pullover", "sweater", "jumper"],
+    ["dress", "frock", "gown"],
+    ["coat", "jacket", "overcoat"],
+    ["sandal", "flip-flop", "summer sandal"],
+    ["shirt", "blouse", "button-up shirt"],
+    ["sneaker", "trainer", "running shoe"],
+    ["bag", "handbag", "purse"],
     ["ankle boot", "boot", "bootie"],
 ]
 ATTRIBUTES = [
-    ["short-sleeved", "casual", "cotton", "plain"], ["long", "straight-leg", "casual", "tailored"],
-    ["long-sleeved", "knitted", "warm", "cosy"], ["elegant", "knee-length", "summer", "flowing"],
-    ["warm", "buttoned", "winter", "heavy"], ["open-toed", "strappy", "flat", "light"],
-    ["collared", "long-sleeved", "formal", "patterned"], ["sporty", "low-top", "lace-up", "athletic"],
-    ["leather", "shoulder", "small", "structured"], ["heeled", "leather", "chunky", "winter"],
+    ["short-sleeved", "casual", "cotton", "plain"],
+    ["long", "straight-leg", "casual", "tailored"],
+    ["long-sleeved", "knitted", "warm", "cosy"],
+    ["elegant", "knee-length", "summer", "flowing"],
+    ["warm", "buttoned", "winter", "heavy"],
+    ["open-toed", "strappy", "flat", "light"],
+    ["collared", "long-sleeved", "formal", "patterned"],
+    ["sporty", "low-top", "lace-up", "athletic"],
+    ["leather", "shoulder", "small", "structured"],
+    ["heeled", "leather", "chunky", "winter"],
 ]
 TONES = {"dark": ["dark", "black"], "grey": ["grey", "mid-grey"], "light": ["light", "pale"]}
 TEMPLATES = [

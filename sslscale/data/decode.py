@@ -58,7 +58,7 @@ def load_npy(raw: bytes) -> np.ndarray:
         start, hlen = 10, int.from_bytes(raw[8:10], "little")
     else:
         start, hlen = 12, int.from_bytes(raw[8:12], "little")
-    header = bytes(raw[start:start + hlen])
+    header = bytes(raw[start : start + hlen])
     parsed = _npy_headers.get(header)
     if parsed is None:
         meta = ast.literal_eval(header.decode("latin1"))
@@ -71,7 +71,7 @@ def load_npy(raw: bytes) -> np.ndarray:
         if len(_npy_headers) < 4096:
             _npy_headers[header] = parsed
     dtype, shape = parsed
-    body = memoryview(raw)[start + hlen:]
+    body = memoryview(raw)[start + hlen :]
     if len(body) != dtype.itemsize * int(np.prod(shape)):
         raise ValueError(f"payload has {len(body)} bytes, header says {shape} {dtype}")
     return np.frombuffer(body, dtype=dtype).reshape(shape)
@@ -124,7 +124,7 @@ def decode_image(ext: str, raw: bytes, channels: int | None = None) -> np.ndarra
             arr = _pil_array(raw, channels)
     except Malformed:
         raise
-    except Exception as e:  # noqa: BLE001  (decoders raise many types on bad bytes: all mean "cannot decode")
+    except Exception as e:
         raise Malformed("decode_error", f"cannot decode .{ext}: {type(e).__name__}: {e}") from None
     return check_image(arr, channels)
 
@@ -204,8 +204,10 @@ def decode_label(ext: str, raw: bytes, num_classes: int | None = None) -> int:
     label = int(text)
     high = MAX_LABEL if num_classes is None else num_classes - 1
     if not 0 <= label <= high:
-        raise Malformed("bad_label", f"class {label} outside [0, {high}]"
-                        + ("" if num_classes is None else f" ({num_classes} classes)"))
+        raise Malformed(
+            "bad_label",
+            f"class {label} outside [0, {high}]" + ("" if num_classes is None else f" ({num_classes} classes)"),
+        )
     return label
 
 

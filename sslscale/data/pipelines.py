@@ -61,9 +61,16 @@ PIPELINES: dict[str, Pipeline] = {}
 FIELDS = ("image", "label", "text")
 
 
-def register_pipeline(name: str, *, needs: tuple[str, ...], optional: tuple[str, ...] = (),
-                      keys: dict[str, str] | Callable[[Any], dict[str, str]], image_keys: tuple[str, ...] = (),
-                      prepare: Callable | None = None, packed: bool = False) -> Callable:
+def register_pipeline(
+    name: str,
+    *,
+    needs: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+    keys: dict[str, str] | Callable[[Any], dict[str, str]],
+    image_keys: tuple[str, ...] = (),
+    prepare: Callable | None = None,
+    packed: bool = False,
+) -> Callable:
     """Register the decorated batch builder as pipeline `name` (see the module docstring)."""
     unknown = set(needs + optional) - set(FIELDS)
     if unknown:
@@ -73,8 +80,7 @@ def register_pipeline(name: str, *, needs: tuple[str, ...], optional: tuple[str,
     def decorate(fn: Callable) -> Callable:
         if name in PIPELINES and PIPELINES[name].build is not fn:
             raise ValueError(f"pipeline {name!r} is registered twice")
-        PIPELINES[name] = Pipeline(name, fn, tuple(needs), tuple(optional), key_fn, tuple(image_keys), prepare,
-                                   packed)
+        PIPELINES[name] = Pipeline(name, fn, tuple(needs), tuple(optional), key_fn, tuple(image_keys), prepare, packed)
         return fn
 
     return decorate
@@ -122,8 +128,7 @@ class PipelineContext:
         arrays = [it["image"] for it in items]
         if all(a.shape == arrays[0].shape for a in arrays):
             return torch.from_numpy(np.stack(arrays))
-        return [torch.from_numpy(a.copy() if not a.flags.writeable or not a.flags.c_contiguous else a)
-                for a in arrays]
+        return [torch.from_numpy(a.copy() if not a.flags.writeable or not a.flags.c_contiguous else a) for a in arrays]
 
     @staticmethod
     def labels(items: list[dict]) -> torch.Tensor:
@@ -151,8 +156,11 @@ def decode_sample(ctx: PipelineContext, pipe: Pipeline, raw: dict, errors: Error
             if name == "image":
                 image = dec.decode_image(ext, value, ctx.channels)
                 if ctx.image_size is None and ctx.stored_shape is not None and image.shape != ctx.stored_shape:
-                    raise dec.Malformed("bad_image", f"image shape {tuple(image.shape)} differs from the "
-                                        f"stream's {ctx.stored_shape} (set image_size to resize mixed sizes)")
+                    raise dec.Malformed(
+                        "bad_image",
+                        f"image shape {tuple(image.shape)} differs from the "
+                        f"stream's {ctx.stored_shape} (set image_size to resize mixed sizes)",
+                    )
                 out["image"] = image
             elif name == "label":
                 out["label"] = dec.decode_label(ext, value, ctx.num_classes)
@@ -184,8 +192,12 @@ _LABEL = "int64 (B,), -1 where a sample has no label"
 
 def _view_keys(spec) -> dict[str, str]:
     keys = {f"view{i + 1}": "augmented view, float32 (B, C, S, S), S = image_size" for i in range(spec.views)}
-    keys.update({f"local{i + 1}": "small augmented view (multi-crop), float32 (B, C, L, L), L = local_size"
-                 for i in range(spec.local_views)})
+    keys.update(
+        {
+            f"local{i + 1}": "small augmented view (multi-crop), float32 (B, C, L, L), L = local_size"
+            for i in range(spec.local_views)
+        }
+    )
     keys["label"] = _LABEL
     return keys
 
@@ -193,40 +205,79 @@ def _view_keys(spec) -> dict[str, str]:
 @register_pipeline("simclr", needs=("image",), optional=("label",), keys=_view_keys, image_keys=("view*", "local*"))
 def simclr(ctx: PipelineContext, items: list[dict], gen: torch.Generator) -> dict:
     spec = ctx.spec
-    return vision.simclr_batch(ctx.images(items), ctx.labels(items), ctx.out_size(), spec.augment, gen,
-                               views=spec.views, local_views=spec.local_views, local_size=spec.local_size)
+    return vision.simclr_batch(
+        ctx.images(items),
+        ctx.labels(items),
+        ctx.out_size(),
+        spec.augment,
+        gen,
+        views=spec.views,
+        local_views=spec.local_views,
+        local_size=spec.local_size,
+    )
 
 
-@register_pipeline("augmented", needs=("image",), optional=("label",), image_keys=("image",),
-                   keys={"image": "one augmented view (SimCLR augmentation), float32 (B, C, S, S)", "label": _LABEL})
+@register_pipeline(
+    "augmented",
+    needs=("image",),
+    optional=("label",),
+    image_keys=("image",),
+    keys={"image": "one augmented view (SimCLR augmentation), float32 (B, C, S, S)", "label": _LABEL},
+)
 def augmented(ctx: PipelineContext, items: list[dict], gen: torch.Generator) -> dict:
-    return {"image": vision.simclr_view(ctx.images(items), ctx.out_size(), ctx.spec.augment, gen),
-            "label": ctx.labels(items)}
+    return {
+        "image": vision.simclr_view(ctx.images(items), ctx.out_size(), ctx.spec.augment, gen),
+        "label": ctx.labels(items),
+    }
 
 
-@register_pipeline("rotation", needs=("image",), optional=("label",), image_keys=("image",),
-                   keys={"image": "image rotated by k x 90 degrees counter-clockwise, float32 (B, C, S, S)",
-                         "rotation": "k in 0..3, int64 (B,)", "label": _LABEL})
+@register_pipeline(
+    "rotation",
+    needs=("image",),
+    optional=("label",),
+    image_keys=("image",),
+    keys={
+        "image": "image rotated by k x 90 degrees counter-clockwise, float32 (B, C, S, S)",
+        "rotation": "k in 0..3, int64 (B,)",
+        "label": _LABEL,
+    },
+)
 def rotation(ctx: PipelineContext, items: list[dict], gen: torch.Generator) -> dict:
     return vision.rotation_batch(ctx.images(items), ctx.labels(items), gen, ctx.image_size)
 
 
-@register_pipeline("jigsaw", needs=("image",), optional=("label",), image_keys=("image",),
-                   keys={"image": "one augmented view (SimCLR augmentation), float32 (B, C, S, S)",
-                         "jigsaw_draw": "uniform draw in [0, 2^62) per image, int64 (B,): the jigsaw objective "
-                                        "shuffles the image's tiles by permutation (draw mod P)",
-                         "label": _LABEL})
+@register_pipeline(
+    "jigsaw",
+    needs=("image",),
+    optional=("label",),
+    image_keys=("image",),
+    keys={
+        "image": "one augmented view (SimCLR augmentation), float32 (B, C, S, S)",
+        "jigsaw_draw": "uniform draw in [0, 2^62) per image, int64 (B,): the jigsaw objective "
+        "shuffles the image's tiles by permutation (draw mod P)",
+        "label": _LABEL,
+    },
+)
 def jigsaw(ctx: PipelineContext, items: list[dict], gen: torch.Generator) -> dict:
     # The draw comes from the batch's generator (exact resume); the tiling and the permutation set live with the
     # objective (sslscale/objectives/jigsaw.py), so the set and its classifier are defined in one place.
     image = vision.simclr_view(ctx.images(items), ctx.out_size(), ctx.spec.augment, gen)
-    return {"image": image, "jigsaw_draw": torch.randint(2**62, (len(items),), generator=gen),
-            "label": ctx.labels(items)}
+    return {
+        "image": image,
+        "jigsaw_draw": torch.randint(2**62, (len(items),), generator=gen),
+        "label": ctx.labels(items),
+    }
 
 
-@register_pipeline("labeled", needs=("image", "label"), image_keys=("image",),
-                   keys={"image": "un-augmented image, float32 (B, C, H, W) (resized + centre-cropped to "
-                                  "image_size when set)", "label": "int64 (B,)"})
+@register_pipeline(
+    "labeled",
+    needs=("image", "label"),
+    image_keys=("image",),
+    keys={
+        "image": "un-augmented image, float32 (B, C, H, W) (resized + centre-cropped to image_size when set)",
+        "label": "int64 (B,)",
+    },
+)
 def labeled(ctx: PipelineContext, items: list[dict], gen: torch.Generator) -> dict:
     return vision.labeled_batch(ctx.images(items), ctx.labels(items), ctx.image_size)
 
@@ -236,11 +287,18 @@ def _caption_ids(ctx: PipelineContext, texts: list[str]) -> tuple[torch.Tensor, 
     return textlib.caption_ids(ctx.tokenizer, texts, ctx.spec.seq_len)
 
 
-@register_pipeline("image_text", needs=("image", "text"), optional=("label",), image_keys=("image",),
-                   keys={"image": "random resized crop + flip (augment.crop_scale / flip_p; no colour change), "
-                                  "float32 (B, C, S, S)",
-                         "input_ids": "[CLS] caption [EOS] [PAD]..., int64 (B, seq_len)",
-                         "attention_mask": "1 on real tokens, int64 (B, seq_len)", "label": _LABEL})
+@register_pipeline(
+    "image_text",
+    needs=("image", "text"),
+    optional=("label",),
+    image_keys=("image",),
+    keys={
+        "image": "random resized crop + flip (augment.crop_scale / flip_p; no colour change), float32 (B, C, S, S)",
+        "input_ids": "[CLS] caption [EOS] [PAD]..., int64 (B, seq_len)",
+        "attention_mask": "1 on real tokens, int64 (B, seq_len)",
+        "label": _LABEL,
+    },
+)
 def image_text(ctx: PipelineContext, items: list[dict], gen: torch.Generator) -> dict:
     image = vision.crop_flip_view(ctx.images(items), ctx.out_size(), ctx.spec.augment, gen)
     ids, mask = _caption_ids(ctx, [it["text"] for it in items])
@@ -257,45 +315,76 @@ def _spans(spec) -> textlib.SpanMasking | None:
     return textlib.SpanMasking(spec.span_p, spec.span_max) if spec.masking == "span" else None
 
 
-_SELECTION = ("selected: 15% (mask_prob) of the ordinary tokens, i.i.d. (masking=token) or as contiguous spans "
-              "(masking=span); 80% [MASK], 10% random, 10% kept (per span with spans)")
+_SELECTION = (
+    "selected: 15% (mask_prob) of the ordinary tokens, i.i.d. (masking=token) or as contiguous spans "
+    "(masking=span); 80% [MASK], 10% random, 10% kept (per span with spans)"
+)
 
 
-@register_pipeline("mlm", needs=("text",), optional=("label",),
-                   keys={"input_ids": f"[CLS] window [SEP] [PAD]..., {_SELECTION}, int64 (B, seq_len)",
-                         "attention_mask": "int64 (B, seq_len)",
-                         "labels": "original id at selected positions, -100 elsewhere, int64 (B, seq_len)"})
+@register_pipeline(
+    "mlm",
+    needs=("text",),
+    optional=("label",),
+    keys={
+        "input_ids": f"[CLS] window [SEP] [PAD]..., {_SELECTION}, int64 (B, seq_len)",
+        "attention_mask": "int64 (B, seq_len)",
+        "labels": "original id at selected positions, -100 elsewhere, int64 (B, seq_len)",
+    },
+)
 def mlm(ctx: PipelineContext, items: list[dict], gen: torch.Generator) -> dict:
     spec = ctx.spec
-    return textlib.mlm_batch(_windows(ctx, items, 2, gen), spec.seq_len, ctx.vocab_size, gen, spec.mask_prob,
-                             _spans(spec))
+    return textlib.mlm_batch(
+        _windows(ctx, items, 2, gen), spec.seq_len, ctx.vocab_size, gen, spec.mask_prob, _spans(spec)
+    )
 
 
-@register_pipeline("nsp", needs=("text",), optional=("label",),
-                   keys={"input_ids": f"[CLS] A [SEP] B [SEP] [PAD]..., MLM {_SELECTION}, int64 (B, seq_len)",
-                         "attention_mask": "int64 (B, seq_len)", "labels": "MLM targets (-100 elsewhere)",
-                         "token_type_ids": "0 for [CLS] A [SEP], 1 for B [SEP]",
-                         "next_sentence_label": "0 = B continues A, 1 = B from another document, int64 (B,)"})
+@register_pipeline(
+    "nsp",
+    needs=("text",),
+    optional=("label",),
+    keys={
+        "input_ids": f"[CLS] A [SEP] B [SEP] [PAD]..., MLM {_SELECTION}, int64 (B, seq_len)",
+        "attention_mask": "int64 (B, seq_len)",
+        "labels": "MLM targets (-100 elsewhere)",
+        "token_type_ids": "0 for [CLS] A [SEP], 1 for B [SEP]",
+        "next_sentence_label": "0 = B continues A, 1 = B from another document, int64 (B,)",
+    },
+)
 def nsp(ctx: PipelineContext, items: list[dict], gen: torch.Generator) -> dict:
     spec = ctx.spec
-    return textlib.nsp_batch(_windows(ctx, items, 3, gen), spec.seq_len, ctx.vocab_size, gen, spec.mask_prob,
-                             _spans(spec))
+    return textlib.nsp_batch(
+        _windows(ctx, items, 3, gen), spec.seq_len, ctx.vocab_size, gen, spec.mask_prob, _spans(spec)
+    )
 
 
 def _clm_tokens(ctx: PipelineContext, item: dict) -> list[int]:
     return ctx.tokenizer.encode(item["text"]).ids
 
 
-@register_pipeline("clm", needs=("text",), optional=("label",), prepare=_clm_tokens, packed=True,
-                   keys={"input_ids": "blocks of doc0 [EOS] doc1 [EOS] ... (documents packed), int64 (B, seq_len)",
-                         "labels": "equal to input_ids (the model shifts), int64 (B, seq_len)"})
+@register_pipeline(
+    "clm",
+    needs=("text",),
+    optional=("label",),
+    prepare=_clm_tokens,
+    packed=True,
+    keys={
+        "input_ids": "blocks of doc0 [EOS] doc1 [EOS] ... (documents packed), int64 (B, seq_len)",
+        "labels": "equal to input_ids (the model shifts), int64 (B, seq_len)",
+    },
+)
 def clm(ctx: PipelineContext, blocks: list[list[int]], gen: torch.Generator) -> dict:
     return textlib.clm_batch(blocks)
 
 
-@register_pipeline("text_labeled", needs=("text", "label"),
-                   keys={"input_ids": "[CLS] start of the text [SEP] [PAD]..., int64 (B, seq_len)",
-                         "attention_mask": "int64 (B, seq_len)", "label": "int64 (B,)"})
+@register_pipeline(
+    "text_labeled",
+    needs=("text", "label"),
+    keys={
+        "input_ids": "[CLS] start of the text [SEP] [PAD]..., int64 (B, seq_len)",
+        "attention_mask": "int64 (B, seq_len)",
+        "label": "int64 (B,)",
+    },
+)
 def text_labeled(ctx: PipelineContext, items: list[dict], gen: torch.Generator) -> dict:
     docs = _windows(ctx, items, 2, None)
     return textlib.classify_batch(docs, [it["label"] for it in items], ctx.spec.seq_len)

@@ -48,11 +48,19 @@ _WARN_EVERY_S = 10.0
 _last_warning: dict[str, float] = {}
 
 # tar-level problem -> the reason its samples are counted under
-_TAR_REASONS = {"not_a_tar": "unreadable_shard", "truncated": "truncated_shard", "no_end_marker": "truncated_shard",
-                "damaged_header": "damaged_header"}
+_TAR_REASONS = {
+    "not_a_tar": "unreadable_shard",
+    "truncated": "truncated_shard",
+    "no_end_marker": "truncated_shard",
+    "damaged_header": "damaged_header",
+}
 # sample flag -> reason, when the flagged sample lacks a field it needs
-FLAG_REASONS = {"damaged_header": "damaged_header", "truncated": "truncated_shard",
-                "oversized_member": "oversized_member", "duplicate_member": "duplicate_member"}
+FLAG_REASONS = {
+    "damaged_header": "damaged_header",
+    "truncated": "truncated_shard",
+    "oversized_member": "oversized_member",
+    "duplicate_member": "duplicate_member",
+}
 _LOSS_ORDER = ("unreadable_shard", "checksum_mismatch", "truncated_shard", "damaged_header")
 
 
@@ -63,8 +71,9 @@ class CorruptDataError(RuntimeError):
 class ErrorCounter:
     """Counts dropped samples (and shard-level problems) by reason; raises instead under policy `fail`."""
 
-    def __init__(self, policy: str, counts: dict[str, int] | None = None, events: dict[str, int] | None = None,
-                 warn: bool = True):
+    def __init__(
+        self, policy: str, counts: dict[str, int] | None = None, events: dict[str, int] | None = None, warn: bool = True
+    ):
         if policy not in ("skip", "fail"):
             raise ValueError(f"corrupt policy must be 'skip' or 'fail', got {policy!r}")
         self.policy, self.warn = policy, warn
@@ -199,8 +208,9 @@ class _Visit:
             reasons = [r for r, _, _ in self.problems]
             charged = next((r for r in _LOSS_ORDER if r in reasons), None)
             if charged is None:
-                self.problems.append(("short_shard", f"{self.parsed} samples, the manifest says {self.info.count}",
-                                      missing))
+                self.problems.append(
+                    ("short_shard", f"{self.parsed} samples, the manifest says {self.info.count}", missing)
+                )
             else:
                 i = reasons.index(charged)
                 r, d, lost = self.problems[i]
@@ -219,8 +229,11 @@ def _memory_samples(info: ShardInfo, opts: ReadOptions, visit: _Visit) -> list[d
     if opts.verify and info.sha256 is not None:
         digest = hashlib.sha256(data).hexdigest()
         if digest != info.sha256:
-            visit.problem("checksum_mismatch", f"sha256 {digest[:12]}... but the manifest says {info.sha256[:12]}...; "
-                          "the whole shard is dropped", info.count or 0)
+            visit.problem(
+                "checksum_mismatch",
+                f"sha256 {digest[:12]}... but the manifest says {info.sha256[:12]}...; the whole shard is dropped",
+                info.count or 0,
+            )
             visit.parsed = info.count or 0
             return []
     reader = TarReader(BufferSource(data), opts.max_member_bytes, visit.tar_problem)
@@ -249,8 +262,9 @@ def _shuffle_buffer(samples: Iterator[dict], size: int, seed: int) -> Iterator[d
         yield buf[j]
 
 
-def visit_shard(info: ShardInfo, *, in_memory: bool, order_seed: int | None, offset: int, opts: ReadOptions,
-                errors: ErrorCounter) -> Iterator[dict]:
+def visit_shard(
+    info: ShardInfo, *, in_memory: bool, order_seed: int | None, offset: int, opts: ReadOptions, errors: ErrorCounter
+) -> Iterator[dict]:
     """The raw samples of one shard from position `offset` of its visiting order (seeded by `order_seed`, None:
     file order). Shard-level problems are counted once the generator is exhausted (see `_Visit`)."""
     visit = _Visit(info, errors)
@@ -268,8 +282,9 @@ def visit_shard(info: ShardInfo, *, in_memory: bool, order_seed: int | None, off
     visit.finish()
 
 
-def _stream_samples(info: ShardInfo, order_seed: int | None, offset: int, opts: ReadOptions,
-                    visit: _Visit) -> Iterator[dict]:
+def _stream_samples(
+    info: ShardInfo, order_seed: int | None, offset: int, opts: ReadOptions, visit: _Visit
+) -> Iterator[dict]:
     try:
         raw, seekable = _open(info)
     except (OSError, ValueError) as e:
@@ -295,8 +310,10 @@ def _stream_samples(info: ShardInfo, order_seed: int | None, offset: int, opts: 
                 pass
             if proc.returncode not in (None, 0):
                 reported.append(kind)
-                visit.problem("unreadable_shard" if kind == "not_a_tar" else "truncated_shard",
-                              f"read failed: {_describe(OSError(detail), raw)}")
+                visit.problem(
+                    "unreadable_shard" if kind == "not_a_tar" else "truncated_shard",
+                    f"read failed: {_describe(OSError(detail), raw)}",
+                )
                 return
         visit.tar_problem(kind, detail)
 
@@ -328,8 +345,11 @@ def _stream_samples(info: ShardInfo, order_seed: int | None, offset: int, opts: 
                 return
             digest = hashing.hash.hexdigest()
             if digest != info.sha256:
-                visit.problem("checksum_mismatch", f"sha256 {digest[:12]}... but the manifest says "
-                              f"{info.sha256[:12]}...: its samples were delivered before the check could fail")
+                visit.problem(
+                    "checksum_mismatch",
+                    f"sha256 {digest[:12]}... but the manifest says "
+                    f"{info.sha256[:12]}...: its samples were delivered before the check could fail",
+                )
         finished = True
     finally:
         failure = _close(raw, quiet=not finished or bool(reported))
@@ -346,8 +366,12 @@ def count_samples(info: ShardInfo, max_member_bytes: int = 64 << 20) -> int:
     except (OSError, ValueError) as e:
         raise OSError(f"cannot open shard {info.url}: {e}") from None
     stream = gzip.GzipFile(fileobj=raw, mode="rb") if info.compressed else raw
-    reader = TarReader(StreamSource(stream, seekable=seekable and not info.compressed), max_member_bytes,
-                       lambda kind, detail: problems.append(f"{kind}: {detail}"), headers_only=True)
+    reader = TarReader(
+        StreamSource(stream, seekable=seekable and not info.compressed),
+        max_member_bytes,
+        lambda kind, detail: problems.append(f"{kind}: {detail}"),
+        headers_only=True,
+    )
     count = 0
     try:
         count = sum(1 for _ in group_samples(iter(reader)))

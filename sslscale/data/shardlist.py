@@ -102,8 +102,10 @@ def confine(name: object, where: str) -> str:
         raise ValueError(f"{where}: shard name {name!r} must be a non-empty relative path")
     posix = PurePosixPath(name)
     if posix.is_absolute() or is_url(name) or ".." in posix.parts or name.startswith("~"):
-        raise ValueError(f"{where}: shard name {name!r} leaves the manifest's directory (absolute, '..' or a URL); "
-                         "names must be relative to the directory holding manifest.json")
+        raise ValueError(
+            f"{where}: shard name {name!r} leaves the manifest's directory (absolute, '..' or a URL); "
+            "names must be relative to the directory holding manifest.json"
+        )
     return name
 
 
@@ -150,8 +152,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
         text = os.path.join(text, MANIFEST)
     lp = local_path(text)
     if lp is not None and not os.path.exists(lp):
-        raise FileNotFoundError(f"no manifest at {text} (was `sslscale shards` interrupted? For shards written by "
-                                "other tools: `sslscale shards --index DIR`)")
+        raise FileNotFoundError(
+            f"no manifest at {text} (was `sslscale shards` interrupted? For shards written by "
+            "other tools: `sslscale shards --index DIR`)"
+        )
     return parse_manifest(_read_bounded(text), text)
 
 
@@ -178,8 +182,10 @@ def _from_manifest(text: str) -> tuple[list[ShardInfo], dict, str]:
 
 
 def _missing_message(text: str) -> str:
-    return (f"shards {text!r}: no such file or directory (expected a directory written by `sslscale shards`, "
-            "a manifest.json, tar paths or URLs, or a brace pattern like dir/x-{000000..000009}.tar)")
+    return (
+        f"shards {text!r}: no such file or directory (expected a directory written by `sslscale shards`, "
+        "a manifest.json, tar paths or URLs, or a brace pattern like dir/x-{000000..000009}.tar)"
+    )
 
 
 def resolve_shards(shards: str | list[str] | tuple[str, ...]) -> tuple[list[ShardInfo], dict | None, str | None]:
@@ -196,8 +202,9 @@ def resolve_shards(shards: str | list[str] | tuple[str, ...]) -> tuple[list[Shar
         if text.endswith(".json") or (lp is not None and os.path.isfile(os.path.join(lp, MANIFEST))):
             return _from_manifest(text)
         if lp is not None and os.path.isdir(lp):
-            urls = sorted(glob.glob(os.path.join(glob.escape(lp), "*.tar"))
-                          + glob.glob(os.path.join(glob.escape(lp), "*.tar.gz")))
+            urls = sorted(
+                glob.glob(os.path.join(glob.escape(lp), "*.tar")) + glob.glob(os.path.join(glob.escape(lp), "*.tar.gz"))
+            )
             if not urls:
                 raise FileNotFoundError(f"shards directory {text!r} holds no manifest.json and no *.tar files")
         else:
@@ -219,15 +226,19 @@ def resolve_shards(shards: str | list[str] | tuple[str, ...]) -> tuple[list[Shar
             by_name = {s["name"]: s for s in manifest["shards"]}
     infos = []
     for url, path in zip(urls, local):
-        entry = by_name.get(os.path.basename(path)) if path is not None and os.path.dirname(path) == os.path.dirname(
-            local[0]) else None
+        entry = (
+            by_name.get(os.path.basename(path))
+            if path is not None and os.path.dirname(path) == os.path.dirname(local[0])
+            else None
+        )
         size = None
         if path is not None:
             st = os.stat(path)
             size = st.st_size if stat.S_ISREG(st.st_mode) else None
         if entry is not None:
-            infos.append(ShardInfo(url, path, entry["count"], entry.get("tokens"), entry.get("sha256"),
-                                   entry.get("bytes", size)))
+            infos.append(
+                ShardInfo(url, path, entry["count"], entry.get("tokens"), entry.get("sha256"), entry.get("bytes", size))
+            )
         else:
             infos.append(ShardInfo(url, path, size=size))
     return infos, manifest, base

@@ -45,39 +45,67 @@ IMAGE_FORMATS = ("auto", "npy", "jpg", "png", "webp")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help=f"one of: {', '.join(SOURCES)}")
     parser.add_argument("--split", choices=["train", "test"])
-    parser.add_argument("--out", help="output directory (with --index: where manifest.json goes, default the "
-                        "shards' directory)")
+    parser.add_argument(
+        "--out", help="output directory (with --index: where manifest.json goes, default the shards' directory)"
+    )
     parser.add_argument("--per-shard", type=int, help="samples per shard")
     parser.add_argument("--limit", type=int, default=None, help="keep only N samples (a seeded random subset)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample order")
-    parser.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out "
-                        "(with --index: replace an existing manifest.json)")
-    parser.add_argument("--tokenizer", default=None, help="text sources: reuse this tokenizer.json (e.g. the "
-                        "train split's for the test split) instead of training one; --index: count tokens with it")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the contents of a non-empty --out (with --index: replace an existing manifest.json)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="text sources: reuse this tokenizer.json (e.g. the "
+        "train split's for the test split) instead of training one; --index: count tokens with it",
+    )
     parser.add_argument("--vocab-size", type=int, default=8000, help="text sources: BPE vocabulary size")
-    parser.add_argument("--image-format", default="auto", choices=IMAGE_FORMATS,
-                        help="how images are stored (auto: .npy for array sources, image files unchanged)")
+    parser.add_argument(
+        "--image-format",
+        default="auto",
+        choices=IMAGE_FORMATS,
+        help="how images are stored (auto: .npy for array sources, image files unchanged)",
+    )
     parser.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEG / WebP (1-100)")
-    parser.add_argument("--index", default=None, metavar="DIR_OR_PATTERN",
-                        help="write a manifest for existing shards (a directory of *.tar, or paths / a brace "
-                        "pattern) instead of writing shards")
+    parser.add_argument(
+        "--index",
+        default=None,
+        metavar="DIR_OR_PATTERN",
+        help="write a manifest for existing shards (a directory of *.tar, or paths / a brace "
+        "pattern) instead of writing shards",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         if args.index is not None:
             manifest = index_shards(args.index, out=args.out, force=args.force, tokenizer=args.tokenizer)
-            print(f"indexed {len(manifest['shards'])} shards, {manifest['total']} samples "
-                  f"(fields {manifest['fields']}) -> {manifest['_path']}")
+            print(
+                f"indexed {len(manifest['shards'])} shards, {manifest['total']} samples "
+                f"(fields {manifest['fields']}) -> {manifest['_path']}"
+            )
             return 0
-        missing = [f"--{k.replace('_', '-')}" for k in ("source", "split", "out", "per_shard")
-                   if getattr(args, k) is None]
+        missing = [
+            f"--{k.replace('_', '-')}" for k in ("source", "split", "out", "per_shard") if getattr(args, k) is None
+        ]
         if missing:
             raise ValueError(f"missing {', '.join(missing)} (or pass --index DIR to index existing shards)")
-        manifest = write_shards(args.source, args.split, args.out, args.per_shard, limit=args.limit,
-                                seed=args.seed, force=args.force, tokenizer=args.tokenizer,
-                                vocab_size=args.vocab_size, image_format=args.image_format,
-                                jpeg_quality=args.jpeg_quality)
+        manifest = write_shards(
+            args.source,
+            args.split,
+            args.out,
+            args.per_shard,
+            limit=args.limit,
+            seed=args.seed,
+            force=args.force,
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            image_format=args.image_format,
+            jpeg_quality=args.jpeg_quality,
+        )
     except (FileExistsError, FileNotFoundError, ValueError, OSError) as e:
         print(f"sslscale shards: error: {e}", file=sys.stderr)
         return 2
@@ -153,9 +181,20 @@ class _ImageFormat:
         return out
 
 
-def write_shards(source: str, split: str, out: str | os.PathLike, per_shard: int, *, limit: int | None = None,
-                 seed: int = 0, force: bool = False, tokenizer: str | None = None, vocab_size: int = 8000,
-                 image_format: str = "auto", jpeg_quality: int = 95) -> dict:
+def write_shards(
+    source: str,
+    split: str,
+    out: str | os.PathLike,
+    per_shard: int,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    force: bool = False,
+    tokenizer: str | None = None,
+    vocab_size: int = 8000,
+    image_format: str = "auto",
+    jpeg_quality: int = 95,
+) -> dict:
     """Write the shards and the manifest; returns the manifest dict."""
     import webdataset as wds
 
@@ -183,12 +222,19 @@ def write_shards(source: str, split: str, out: str | os.PathLike, per_shard: int
 
     def finish(tmp_name: str) -> None:
         tmp = Path(tmp_name)
-        final = tmp.with_name(tmp.name[len(".tmp-"):])
+        final = tmp.with_name(tmp.name[len(".tmp-") :])
         tmp.replace(final)
         written.append(final.name)
 
-    with wds.ShardWriter(str(out / f".tmp-{prefix}-%06d.tar"), maxcount=per_shard, maxsize=float("inf"),
-                         post=finish, verbose=0, encoder=False, mtime=0) as writer:
+    with wds.ShardWriter(
+        str(out / f".tmp-{prefix}-%06d.tar"),
+        maxcount=per_shard,
+        maxsize=float("inf"),
+        post=finish,
+        verbose=0,
+        encoder=False,
+        mtime=0,
+    ) as writer:
         for n, i in enumerate(order):
             writer.write(_sample(data, images, int(i), n))
 
@@ -198,10 +244,17 @@ def write_shards(source: str, split: str, out: str | os.PathLike, per_shard: int
         count = min(per_shard, len(order) - k * per_shard)
         entry = {"name": name, "count": count, "bytes": path.stat().st_size, "sha256": _sha256(path)}
         if token_counts is not None:
-            entry["tokens"] = int(token_counts[k * per_shard:(k + 1) * per_shard].sum())
+            entry["tokens"] = int(token_counts[k * per_shard : (k + 1) * per_shard].sum())
         shards.append(entry)
-    manifest = {"source": source, "split": split, "total": int(len(order)), "labels": data.label_names,
-                "kind": data.kind, "seed": seed, "shards": shards}
+    manifest = {
+        "source": source,
+        "split": split,
+        "total": len(order),
+        "labels": data.label_names,
+        "kind": data.kind,
+        "seed": seed,
+        "shards": shards,
+    }
     if images is not None:
         manifest.update(images.manifest_fields())
     if data.texts is not None:
@@ -221,8 +274,9 @@ def _sample(data: SourceData, images: _ImageFormat | None, index: int, position:
     return sample
 
 
-def _prepare_tokenizer(data: SourceData, order: np.ndarray, out: Path, tokenizer: str | None,
-                       vocab_size: int) -> np.ndarray:
+def _prepare_tokenizer(
+    data: SourceData, order: np.ndarray, out: Path, tokenizer: str | None, vocab_size: int
+) -> np.ndarray:
     """Train (or copy) the tokenizer into `out`; return tokens per sample in shard order (ids + one EOS)."""
     from sslscale.data.text import load_tokenizer, train_tokenizer, write_hf_config
 
@@ -233,8 +287,11 @@ def _prepare_tokenizer(data: SourceData, order: np.ndarray, out: Path, tokenizer
         tok = load_tokenizer(out / TOKENIZER)
     else:
         if data.split != "train":
-            print(f"note: training a tokenizer on the {data.split} split; pass --tokenizer TRAIN_DIR/{TOKENIZER} "
-                  "to share the train split's vocabulary", file=sys.stderr)
+            print(
+                f"note: training a tokenizer on the {data.split} split; pass --tokenizer TRAIN_DIR/{TOKENIZER} "
+                "to share the train split's vocabulary",
+                file=sys.stderr,
+            )
         tok = train_tokenizer(texts, out / TOKENIZER, vocab_size=vocab_size)
     return np.array([len(e.ids) + 1 for e in tok.encode_batch(texts)], dtype=np.int64)
 
@@ -242,8 +299,10 @@ def _prepare_tokenizer(data: SourceData, order: np.ndarray, out: Path, tokenizer
 # ------------------------------------------------------------------------------------------------- --index
 def _index_paths(target: str) -> list[Path]:
     if os.path.isdir(target):
-        paths = sorted(glob.glob(os.path.join(glob.escape(target), "*.tar"))
-                       + glob.glob(os.path.join(glob.escape(target), "*.tar.gz")))
+        paths = sorted(
+            glob.glob(os.path.join(glob.escape(target), "*.tar"))
+            + glob.glob(os.path.join(glob.escape(target), "*.tar.gz"))
+        )
     else:
         import braceexpand
 
@@ -268,8 +327,9 @@ def _index_one(path: Path, tokenizer) -> tuple[dict, Counter, list[str]]:
     with open(path, "rb", buffering=1 << 20) as raw:
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith((".gz", ".tgz")) else raw
         source = StreamSource(stream, seekable=stream is raw)  # headers only: seek over payloads
-        reader = TarReader(source, 1 << 40, lambda kind, detail: problems.append(f"{kind}: {detail}"),
-                           headers_only=tokenizer is None)
+        reader = TarReader(
+            source, 1 << 40, lambda kind, detail: problems.append(f"{kind}: {detail}"), headers_only=tokenizer is None
+        )
         fields: Counter = Counter()
         count, tokens = 0, 0
         for sample in group_samples(iter(reader)):
@@ -312,8 +372,16 @@ def index_shards(target: str, out: str | None = None, force: bool = False, token
         total += entry["count"]
     has_image = any(e in fields for e in dec.IMAGE_EXTS)
     kind = ("image-text" if "txt" in fields else "image") if has_image else "text"
-    manifest = {"source": f"index:{target}", "split": None, "total": total, "labels": None, "kind": kind,
-                "fields": dict(fields), "indexed": True, "shards": shards}
+    manifest = {
+        "source": f"index:{target}",
+        "split": None,
+        "total": total,
+        "labels": None,
+        "kind": kind,
+        "fields": dict(fields),
+        "indexed": True,
+        "shards": shards,
+    }
     if tok is not None:
         dest = directory / TOKENIZER
         if Path(tokenizer).resolve() != dest.resolve():

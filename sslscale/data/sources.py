@@ -41,18 +41,59 @@ from sslscale.data import decode as dec
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 WORDNET_NOUNS = Path("/usr/share/wordnet/data.noun")
-FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                  "Ankle boot"]
+FASHION_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 # WordNet lexicographer files 03..28 are the noun classes (lexnames(5WN)).
 WORDNET_NOUN_CLASSES = [
-    "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute", "noun.body", "noun.cognition",
-    "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group", "noun.location", "noun.motive",
-    "noun.object", "noun.person", "noun.phenomenon", "noun.plant", "noun.possession", "noun.process",
-    "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
 ]
 SPLITS = ("train", "test")
-SOURCES = ("fashion-mnist", "fashion-mnist-captions", "mnist5k", "shakespeare", "bbc-news", "wordnet-nouns",
-           "icl-rules", "imagefolder:PATH", "textfiles:PATH")
+SOURCES = (
+    "fashion-mnist",
+    "fashion-mnist-captions",
+    "mnist5k",
+    "shakespeare",
+    "bbc-news",
+    "wordnet-nouns",
+    "icl-rules",
+    "imagefolder:PATH",
+    "textfiles:PATH",
+)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".npy")
 
 
@@ -110,8 +151,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     if not path.exists() and Path(str(path) + ".gz").exists():
         path = Path(str(path) + ".gz")
     if not path.exists():
-        raise FileNotFoundError(f"IDX file {str(path)!r} (or {path}.gz) not found; for Fashion-MNIST install the "
-                                "Debian package dataset-fashion-mnist")
+        raise FileNotFoundError(
+            f"IDX file {str(path)!r} (or {path}.gz) not found; for Fashion-MNIST install the "
+            "Debian package dataset-fashion-mnist"
+        )
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()
@@ -122,7 +165,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     ndim = data[3]
     if len(data) < 4 + 4 * ndim:
         raise ValueError(f"{str(path)!r}: header cut short")
-    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
         raise ValueError(f"{str(path)!r}: header says {dims} ({int(np.prod(dims))} values) but holds {arr.size}")
@@ -133,8 +176,10 @@ def _find_idx(stem: str) -> Path:
     for name in (stem + ".gz", stem):
         if (FASHION_DIR / name).exists():
             return FASHION_DIR / name
-    raise SourceMissing(f"fashion-mnist file {stem}[.gz] not found in {FASHION_DIR}: "
-                        "install it with `apt-get install dataset-fashion-mnist`")
+    raise SourceMissing(
+        f"fashion-mnist file {stem}[.gz] not found in {FASHION_DIR}: "
+        "install it with `apt-get install dataset-fashion-mnist`"
+    )
 
 
 def _fashion_mnist(split: str) -> SourceData:
@@ -229,8 +274,13 @@ def _folder_files(root: Path, split: str, suffixes: tuple[str, ...]) -> tuple[li
 
 def _imagefolder(root: Path, split: str) -> SourceData:
     files, classes = _folder_files(root, split, IMAGE_SUFFIXES)
-    return SourceData(f"imagefolder:{root}", split, np.array([y for _, y in files], dtype=np.int64), classes,
-                      images=ImageFiles([p for p, _ in files]))
+    return SourceData(
+        f"imagefolder:{root}",
+        split,
+        np.array([y for _, y in files], dtype=np.int64),
+        classes,
+        images=ImageFiles([p for p, _ in files]),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ texts
@@ -332,15 +382,13 @@ def _wordnet_nouns(split: str) -> SourceData:
                 continue
             texts.append(gloss.strip())
             labels.append(lex_file - 3)
-    return SourceData("wordnet-nouns", split, np.array(labels, dtype=np.int64), list(WORDNET_NOUN_CLASSES),
-                      texts=texts)
+    return SourceData("wordnet-nouns", split, np.array(labels, dtype=np.int64), list(WORDNET_NOUN_CLASSES), texts=texts)
 
 
 def _textfiles(root: Path, split: str) -> SourceData:
     files, classes = _folder_files(root, split, (".txt",))
     texts = [p.read_text(encoding="utf-8", errors="replace") for p, _ in files]
-    return SourceData(f"textfiles:{root}", split, np.array([y for _, y in files], dtype=np.int64), classes,
-                      texts=texts)
+    return SourceData(f"textfiles:{root}", split, np.array([y for _, y in files], dtype=np.int64), classes, texts=texts)
 
 
 _LOADERS = {
@@ -389,8 +437,10 @@ def load_arrays(source: str, split: str, limit: int | None = None):
     if not isinstance(images, np.ndarray):
         shapes = {im.shape for im in images}
         if len(shapes) > 1:
-            raise ValueError(f"{source}: images of several sizes {sorted(shapes)[:3]} cannot form one array; "
-                             "write shards and read them with an image_size")
+            raise ValueError(
+                f"{source}: images of several sizes {sorted(shapes)[:3]} cannot form one array; "
+                "write shards and read them with an image_size"
+            )
         images = np.stack(images)
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(data.labels[:n].copy())
 

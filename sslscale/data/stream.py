@@ -130,19 +130,25 @@ class StreamSpec:
             raise ValueError(f"seq_len {self.seq_len} is too short for pipeline {self.pipeline!r}")
         if self.batches_per_epoch is not None and self.mode != "resampled":
             raise ValueError("batches_per_epoch applies to mode='resampled' only (epoch mode derives it)")
-        checks = [("shuffle_buffer", self.shuffle_buffer >= 0, ">= 0"), ("in_memory_mb", self.in_memory_mb >= 0, ">= 0"),
-                  ("max_sample_mb", self.max_sample_mb > 0, "> 0"), ("refill_warn", self.refill_warn >= 0, ">= 0"),
-                  ("views", self.views >= 1, ">= 1"), ("local_views", self.local_views >= 0, ">= 0"),
-                  ("num_classes", self.num_classes is None or self.num_classes >= 1, ">= 1 or null"),
-                  ("image_size", self.image_size is None or self.image_size >= 1, ">= 1 or null"),
-                  ("local_size", self.local_size is None or self.local_size >= 1, ">= 1 or null"),
-                  ("channels", self.channels in (None, 1, 3), "1, 3 or null")]
+        checks = [
+            ("shuffle_buffer", self.shuffle_buffer >= 0, ">= 0"),
+            ("in_memory_mb", self.in_memory_mb >= 0, ">= 0"),
+            ("max_sample_mb", self.max_sample_mb > 0, "> 0"),
+            ("refill_warn", self.refill_warn >= 0, ">= 0"),
+            ("views", self.views >= 1, ">= 1"),
+            ("local_views", self.local_views >= 0, ">= 0"),
+            ("num_classes", self.num_classes is None or self.num_classes >= 1, ">= 1 or null"),
+            ("image_size", self.image_size is None or self.image_size >= 1, ">= 1 or null"),
+            ("local_size", self.local_size is None or self.local_size >= 1, ">= 1 or null"),
+            ("channels", self.channels in (None, 1, 3), "1, 3 or null"),
+        ]
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
         if self.normalize.mean is not None and self.channels is not None and len(self.normalize.mean) != self.channels:
-            raise ValueError(f"normalize has {len(self.normalize.mean)} values per statistic for channels="
-                             f"{self.channels}")
+            raise ValueError(
+                f"normalize has {len(self.normalize.mean)} values per statistic for channels={self.channels}"
+            )
 
 
 def _mix(*parts: object) -> int:
@@ -156,8 +162,12 @@ def _generator(*parts: object) -> torch.Generator:
 
 
 def _read_options(spec: StreamSpec) -> ReadOptions:
-    return ReadOptions(verify=spec.verify, max_member_bytes=int(spec.max_sample_mb * _MIB),
-                       in_memory_bytes=int(spec.in_memory_mb * _MIB), shuffle_buffer=spec.shuffle_buffer)
+    return ReadOptions(
+        verify=spec.verify,
+        max_member_bytes=int(spec.max_sample_mb * _MIB),
+        in_memory_bytes=int(spec.in_memory_mb * _MIB),
+        shuffle_buffer=spec.shuffle_buffer,
+    )
 
 
 def _probe_image(shards: list[ShardInfo], opts: ReadOptions) -> np.ndarray:
@@ -176,8 +186,11 @@ def _probe_image(shards: list[ShardInfo], opts: ReadOptions) -> np.ndarray:
             tried.append(f"{info.url}: no image among its first samples")
         except OSError as e:
             tried.append(str(e))
-    raise ValueError("cannot tell the image format (channels, size) from the first shards (" + "; ".join(tried[:3])
-                     + "): set channels and image_size, or write a manifest with `sslscale shards --index`")
+    raise ValueError(
+        "cannot tell the image format (channels, size) from the first shards ("
+        + "; ".join(tried[:3])
+        + "): set channels and image_size, or write a manifest with `sslscale shards --index`"
+    )
 
 
 def _file_sha256(path: str) -> str:
@@ -194,16 +207,19 @@ def tokenizer_path(override: str | None, manifest: dict | None, base: str | None
     if override is not None:
         return str(override)
     if not manifest or "tokenizer" not in manifest:
-        raise ValueError(f"pipeline {pipeline!r} needs a tokenizer: pass StreamSpec(tokenizer=...) or "
-                         "use shards written by `sslscale shards` from a text or image-text source")
+        raise ValueError(
+            f"pipeline {pipeline!r} needs a tokenizer: pass StreamSpec(tokenizer=...) or "
+            "use shards written by `sslscale shards` from a text or image-text source"
+        )
     name = manifest["tokenizer"]
     from sslscale.data.shardlist import confine, local_path
 
     confine(name, "manifest tokenizer")
     path = os.path.join(base or "", name)
     if local_path(path) is None:
-        raise ValueError(f"the tokenizer of remote shards must be local: pass StreamSpec(tokenizer=...) "
-                         f"(the manifest names {path})")
+        raise ValueError(
+            f"the tokenizer of remote shards must be local: pass StreamSpec(tokenizer=...) (the manifest names {path})"
+        )
     return path
 
 
@@ -235,8 +251,10 @@ class _Plan:
         if spec.mode == "epoch":
             self._check_epoch_mode()  # first: counting opens every shard, and names one that cannot be
         elif spec.batches_per_epoch is not None and spec.batches_per_epoch < self.workers:
-            raise ValueError(f"batches_per_epoch={spec.batches_per_epoch} is below num_workers={self.workers}: "
-                             "each worker yields batches_per_epoch // num_workers batches")
+            raise ValueError(
+                f"batches_per_epoch={spec.batches_per_epoch} is below num_workers={self.workers}: "
+                "each worker yields batches_per_epoch // num_workers batches"
+            )
         if pipe.uses_text:
             self._setup_tokenizer(manifest, base)
         if pipe.uses_images:
@@ -259,9 +277,11 @@ class _Plan:
         if spec.pipeline == "clm" and spec.mode == "epoch":
             same = manifest is not None and manifest.get("tokenizer_sha256") == _file_sha256(path)
             if not same or any(s.tokens is None for s in self.shards):
-                raise ValueError("clm in epoch mode needs per-shard token counts for this tokenizer in the manifest "
-                                 "(written by `sslscale shards`, or `sslscale shards --index DIR --tokenizer T`); "
-                                 "otherwise use mode='resampled' with batches_per_epoch")
+                raise ValueError(
+                    "clm in epoch mode needs per-shard token counts for this tokenizer in the manifest "
+                    "(written by `sslscale shards`, or `sslscale shards --index DIR --tokenizer T`); "
+                    "otherwise use mode='resampled' with batches_per_epoch"
+                )
 
     def _setup_images(self) -> None:
         spec, meta, ctx = self.spec, self.manifest_meta, self.ctx
@@ -287,7 +307,8 @@ class _Plan:
             raise ValueError(
                 f"{len(self.shards)} shards cannot feed {self.world_size} ranks x {self.workers} workers = "
                 f"{self.slots} readers in epoch mode (each reader needs >= 1 shard): use fewer workers, write "
-                "smaller shards (sslscale shards --per-shard), or mode='resampled'")
+                "smaller shards (sslscale shards --per-shard), or mode='resampled'"
+            )
         if any(s.count is None for s in self.shards):
             counted = []
             for s in self.shards:
@@ -297,8 +318,10 @@ class _Plan:
                 try:
                     n = count_samples(s, self.opts.max_member_bytes)
                 except OSError as e:
-                    raise OSError(f"epoch mode needs each shard's sample count and {e}; fix or drop the shard, "
-                                  "write a manifest (sslscale shards --index), or use mode='resampled'") from None
+                    raise OSError(
+                        f"epoch mode needs each shard's sample count and {e}; fix or drop the shard, "
+                        "write a manifest (sslscale shards --index), or use mode='resampled'"
+                    ) from None
                 counted.append(ShardInfo(s.url, s.local, n, s.tokens, s.sha256, s.size))
             self.shards = counted
         if self.spec.pipeline == "clm" and any(s.tokens is None for s in self.shards):
@@ -306,8 +329,10 @@ class _Plan:
         if self.per_worker_batches(0) < 1:
             smallest = min(self._slot_units(0))
             unit = "tokens" if self.spec.pipeline == "clm" else "samples"
-            raise ValueError(f"batch_size {self.spec.batch_size} is larger than what the smallest of {self.slots} "
-                             f"readers holds ({smallest} {unit}): lower batch_size or num_workers")
+            raise ValueError(
+                f"batch_size {self.spec.batch_size} is larger than what the smallest of {self.slots} "
+                f"readers holds ({smallest} {unit}): lower batch_size or num_workers"
+            )
 
     def load_pipeline(self) -> pipes.Pipeline:
         importlib.import_module(self.pipeline_module)
@@ -323,13 +348,13 @@ class _Plan:
         return torch.randperm(n, generator=_generator(self.spec.seed, "shards", epoch)).tolist()
 
     def slot_shards(self, epoch: int, slot: int) -> list[int]:
-        return self.shard_order(epoch)[slot::self.slots]
+        return self.shard_order(epoch)[slot :: self.slots]
 
     def _slot_units(self, epoch: int) -> list[int]:
         order = self.shard_order(epoch)
         out = []
         for g in range(self.slots):
-            mine = [self.shards[i] for i in order[g::self.slots]]
+            mine = [self.shards[i] for i in order[g :: self.slots]]
             out.append(sum(s.tokens for s in mine) if self.spec.pipeline == "clm" else sum(s.count for s in mine))
         return out
 
@@ -343,14 +368,27 @@ class _Plan:
 
     def shard_at(self, epoch: int, slot: int, position: int, mine: list[int] | None) -> int:
         if self.spec.mode == "resampled":
-            return int(torch.randint(len(self.shards), (1,), generator=_generator(
-                self.spec.seed, "resample", epoch, slot, position)))
+            return int(
+                torch.randint(
+                    len(self.shards), (1,), generator=_generator(self.spec.seed, "resample", epoch, slot, position)
+                )
+            )
         return mine[position % len(mine)]
 
 
 def _new_state(epoch: int) -> dict:
-    return {"epoch": epoch, "shard_pos": 0, "offset": 0, "batches": 0, "carry": [], "samples": 0,
-            "refill_shards": 0, "refill_samples": 0, "skipped": {}, "shard_errors": {}}
+    return {
+        "epoch": epoch,
+        "shard_pos": 0,
+        "offset": 0,
+        "batches": 0,
+        "carry": [],
+        "samples": 0,
+        "refill_shards": 0,
+        "refill_samples": 0,
+        "skipped": {},
+        "shard_errors": {},
+    }
 
 
 class _PeakMemory:
@@ -442,8 +480,14 @@ class _Worker:
             # a refill pass re-reads shards whose problems this epoch already counted
             self.errors.muted = refill
             order_seed = _mix(spec.seed, "samples", self.epoch, info.name, st["shard_pos"]) if spec.shuffle else None
-            samples = visit_shard(info, in_memory=plan.in_memory[shard_index], order_seed=order_seed,
-                                  offset=st["offset"], opts=plan.opts, errors=self.errors)
+            samples = visit_shard(
+                info,
+                in_memory=plan.in_memory[shard_index],
+                order_seed=order_seed,
+                offset=st["offset"],
+                opts=plan.opts,
+                errors=self.errors,
+            )
             fresh, used = st["offset"] == 0, 0
             try:
                 for raw in samples:
@@ -462,7 +506,7 @@ class _Worker:
                         pending.append(item)
                     while len(carry) >= block_tokens if pipe.packed else len(pending) == spec.batch_size:
                         if pipe.packed:
-                            items = [carry[i * spec.seq_len:(i + 1) * spec.seq_len] for i in range(spec.batch_size)]
+                            items = [carry[i * spec.seq_len : (i + 1) * spec.seq_len] for i in range(spec.batch_size)]
                             carry = carry[block_tokens:]
                         else:
                             items, pending = pending, []
@@ -473,19 +517,29 @@ class _Worker:
                         yield batch, self._message()
                         if target is not None and st["batches"] >= target:
                             if refill_limit is not None and st["refill_samples"] > refill_limit:
-                                log.warning("rank %d worker %d: refill passes supplied %d samples of epoch %d (over "
-                                            "refill_warn=%.0f%% of %d): bad data made these repeats; samples "
-                                            "lost: %s", plan.rank, self.worker, st["refill_samples"], self.epoch,
-                                            100 * spec.refill_warn, target * spec.batch_size, self.errors.counts)
+                                log.warning(
+                                    "rank %d worker %d: refill passes supplied %d samples of epoch %d (over "
+                                    "refill_warn=%.0f%% of %d): bad data made these repeats; samples "
+                                    "lost: %s",
+                                    plan.rank,
+                                    self.worker,
+                                    st["refill_samples"],
+                                    self.epoch,
+                                    100 * spec.refill_warn,
+                                    target * spec.batch_size,
+                                    self.errors.counts,
+                                )
                             return
             finally:
                 samples.close()
             if fresh:
                 barren = 0 if used else barren + 1
             if barren >= (len(mine) if mine is not None else 100):
-                raise RuntimeError(f"worker {self.worker} of rank {plan.rank}: {barren} shards in a row gave no "
-                                   f"usable sample for pipeline {spec.pipeline!r} (samples lost by reason: "
-                                   f"{self.errors.counts}; shard problems: {self.errors.events})")
+                raise RuntimeError(
+                    f"worker {self.worker} of rank {plan.rank}: {barren} shards in a row gave no "
+                    f"usable sample for pipeline {spec.pipeline!r} (samples lost by reason: "
+                    f"{self.errors.counts}; shard problems: {self.errors.events})"
+                )
             st["shard_pos"] += 1
             st["offset"] = 0
             if mine is not None and st["shard_pos"] >= len(mine):
@@ -523,7 +577,7 @@ class Stream:
 
     @staticmethod
     def _zero_stats() -> dict:
-        return {**{k: 0 for k in _COUNTERS}, "skipped": {}, "shard_errors": {}}
+        return {**dict.fromkeys(_COUNTERS, 0), "skipped": {}, "shard_errors": {}}
 
     @property
     def tokenizer_path(self) -> str | None:
@@ -561,10 +615,18 @@ class Stream:
                 # one thread per worker; also silences tokenizers' "process just got forked" warning
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             spec = self.spec
-            source = iter(torch.utils.data.DataLoader(
-                dataset, batch_size=None, num_workers=spec.num_workers, prefetch_factor=spec.prefetch_factor,
-                multiprocessing_context=spec.multiprocessing_context, persistent_workers=False,
-                pin_memory=spec.pin_memory, worker_init_fn=ignore_stop_signals))  # the rank decides on stops
+            source = iter(
+                torch.utils.data.DataLoader(
+                    dataset,
+                    batch_size=None,
+                    num_workers=spec.num_workers,
+                    prefetch_factor=spec.prefetch_factor,
+                    multiprocessing_context=spec.multiprocessing_context,
+                    persistent_workers=False,
+                    pin_memory=spec.pin_memory,
+                    worker_init_fn=ignore_stop_signals,
+                )
+            )  # the rank decides on stops
         per_worker = plan.per_worker_batches(self.epoch)
         closed = False
         try:
@@ -576,7 +638,8 @@ class Stream:
                 self._states[worker] = state
                 self._next_worker = (worker + 1) % plan.workers
                 if per_worker is not None and all(
-                        self._states.get(w, {}).get("batches") == per_worker for w in range(plan.workers)):
+                    self._states.get(w, {}).get("batches") == per_worker for w in range(plan.workers)
+                ):
                     # the epoch's last batch: a state taken now already points at the next epoch
                     self._close_epoch()
                     closed = True
@@ -628,47 +691,72 @@ class Stream:
         return out
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "seed": self.spec.seed, "rank": self.plan.rank,
-                "world_size": self.plan.world_size, "workers": self.plan.workers, "mode": self.spec.mode,
-                "epoch": self.epoch, "next_worker": self._next_worker,
-                "worker_states": {str(k): _copy_state(v) for k, v in self._states.items()},
-                "stats_done": _copy_state(self._stats_done), "batch_size": self.spec.batch_size,
-                "shards": len(self.plan.shards),
-                "remainder": None if self._remainder is None else copy.deepcopy(self._remainder.state())}
+        return {
+            "version": STATE_VERSION,
+            "seed": self.spec.seed,
+            "rank": self.plan.rank,
+            "world_size": self.plan.world_size,
+            "workers": self.plan.workers,
+            "mode": self.spec.mode,
+            "epoch": self.epoch,
+            "next_worker": self._next_worker,
+            "worker_states": {str(k): _copy_state(v) for k, v in self._states.items()},
+            "stats_done": _copy_state(self._stats_done),
+            "batch_size": self.spec.batch_size,
+            "shards": len(self.plan.shards),
+            "remainder": None if self._remainder is None else copy.deepcopy(self._remainder.state()),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"stream state version {state.get('version')!r}, expected {STATE_VERSION}")
-        mine = {"seed": self.spec.seed, "rank": self.plan.rank, "world_size": self.plan.world_size,
-                "workers": self.plan.workers, "mode": self.spec.mode}
+        mine = {
+            "seed": self.spec.seed,
+            "rank": self.plan.rank,
+            "world_size": self.plan.world_size,
+            "workers": self.plan.workers,
+            "mode": self.spec.mode,
+        }
         for key, value in mine.items():
             if state[key] != value:
-                raise ValueError(f"stream state was saved with {key}={state[key]!r} but this stream has "
-                                 f"{key}={value!r}; exact resume needs the same layout")
+                raise ValueError(
+                    f"stream state was saved with {key}={state[key]!r} but this stream has "
+                    f"{key}={value!r}; exact resume needs the same layout"
+                )
         self.epoch = int(state["epoch"])
         self._next_worker = int(state["next_worker"])
         # version 1 states lack the newer counters: start them at zero
         self._states = {int(k): {**_new_state(self.epoch), **_copy_state(v)} for k, v in state["worker_states"].items()}
         self._stats_done = {**self._zero_stats(), **_copy_state(state["stats_done"])}
         rem = state.get("remainder")
-        self._remainder = None if not rem else Remainder(self.plan, copy.deepcopy(rem["origin"]), self.plan.rank,
-                                                         self.plan.world_size, rem["taken"])
+        self._remainder = (
+            None
+            if not rem
+            else Remainder(self.plan, copy.deepcopy(rem["origin"]), self.plan.rank, self.plan.world_size, rem["taken"])
+        )
 
     def load_resharded(self, states: list[dict]) -> None:
         """Continue from the stream states of all N ranks of a run with another layout (rank order), as
         `sslscale.data.reshard` describes: in epoch mode the interrupted epoch is finished first, dealt over the
         new ranks, with no consumed sample repeated and at most world_size - 1 trailing batches dropped."""
         if not states or [s.get("rank") for s in states] != list(range(len(states))):
-            raise ValueError(f"need the stream states of every old rank in rank order, got ranks "
-                             f"{[s.get('rank') for s in states]}")
+            raise ValueError(
+                f"need the stream states of every old rank in rank order, got ranks {[s.get('rank') for s in states]}"
+            )
         first = states[0]
-        mine = {"seed": self.spec.seed, "mode": self.spec.mode, "batch_size": self.spec.batch_size,
-                "shards": len(self.plan.shards)}
+        mine = {
+            "seed": self.spec.seed,
+            "mode": self.spec.mode,
+            "batch_size": self.spec.batch_size,
+            "shards": len(self.plan.shards),
+        }
         for key, value in mine.items():
             saved = {s.get(key, value) for s in states}
             if saved != {value}:
-                raise ValueError(f"stream states were saved with {key}={sorted(saved)} but this stream has "
-                                 f"{key}={value!r}; a reshard needs the same data, seed, mode and batch size")
+                raise ValueError(
+                    f"stream states were saved with {key}={sorted(saved)} but this stream has "
+                    f"{key}={value!r}; a reshard needs the same data, seed, mode and batch size"
+                )
         epochs = {s["epoch"] for s in states}
         if len(epochs) != 1:
             raise ValueError(f"the ranks' stream states are in different epochs {sorted(epochs)}")
@@ -705,16 +793,22 @@ def read_all(spec: StreamSpec, limit: int | None = None) -> Iterator[dict]:
     """Every usable sample once, in shard-list and file order, batched by `spec.batch_size` with a smaller last
     batch; one process, no shuffling, no epoch bookkeeping (evaluation and feature extraction). Randomness, if
     the pipeline draws any, is seeded per batch as in a stream."""
-    plan = _Plan(StreamSpec(**{**spec.__dict__, "mode": "resampled", "num_workers": 0, "shuffle": False,
-                               "batches_per_epoch": None}), 0, 1)
+    plan = _Plan(
+        StreamSpec(
+            **{**spec.__dict__, "mode": "resampled", "num_workers": 0, "shuffle": False, "batches_per_epoch": None}
+        ),
+        0,
+        1,
+    )
     pipe = plan.load_pipeline()
     if pipe.packed:
         raise ValueError(f"read_all does not pack tokens (pipeline {spec.pipeline!r}); use a stream")
     worker = _Worker(plan, 0, 0, None)
     errors, pending, n, index = worker.errors, [], 0, 0
     for shard_index, info in enumerate(plan.shards):
-        for raw in visit_shard(info, in_memory=plan.in_memory[shard_index], order_seed=None, offset=0,
-                               opts=plan.opts, errors=errors):
+        for raw in visit_shard(
+            info, in_memory=plan.in_memory[shard_index], order_seed=None, offset=0, opts=plan.opts, errors=errors
+        ):
             item = decode_sample(plan.ctx, pipe, raw, errors, info.url)
             if item is None:
                 continue
@@ -737,8 +831,19 @@ def preprocessing(spec: StreamSpec) -> dict:
     size, channels = spec.image_size, spec.channels
     if size is None or channels is None:
         try:
-            plan = _Plan(StreamSpec(**{**spec.__dict__, "mode": "resampled", "pipeline": "labeled",
-                                       "batches_per_epoch": None, "num_workers": 0}), 0, 1)
+            plan = _Plan(
+                StreamSpec(
+                    **{
+                        **spec.__dict__,
+                        "mode": "resampled",
+                        "pipeline": "labeled",
+                        "batches_per_epoch": None,
+                        "num_workers": 0,
+                    }
+                ),
+                0,
+                1,
+            )
             channels = plan.ctx.channels
             if size is None and plan.ctx.stored_shape is not None:
                 h, w = plan.ctx.stored_shape[1:]
@@ -746,12 +851,16 @@ def preprocessing(spec: StreamSpec) -> dict:
         except (OSError, ValueError) as e:
             log.warning("preprocessing: could not resolve the image format from %s: %s", spec.shards, e)
     norm = spec.normalize
-    return {"image_size": size, "channels": channels,
-            "mean": list(norm.mean) if norm.mean is not None else None,
-            "std": list(norm.std) if norm.std is not None else None,
-            "value_range": [0.0, 1.0], "layout": "NCHW float32",
-            "resize": "shorter side to image_size (bilinear, antialiased), centre crop",
-            "pipeline": spec.pipeline}
+    return {
+        "image_size": size,
+        "channels": channels,
+        "mean": list(norm.mean) if norm.mean is not None else None,
+        "std": list(norm.std) if norm.std is not None else None,
+        "value_range": [0.0, 1.0],
+        "layout": "NCHW float32",
+        "resize": "shorter side to image_size (bilinear, antialiased), centre crop",
+        "pipeline": spec.pipeline,
+    }
 
 
 __all__ = ["Stream", "StreamSpec", "build_stream", "preprocessing", "read_all", "resolve_shards"]

@@ -41,7 +41,7 @@ class BufferSource:
         self.data, self.pos = data, 0
 
     def read(self, n: int) -> bytes:
-        out = self.data[self.pos:self.pos + n]
+        out = self.data[self.pos : self.pos + n]
         self.pos += len(out)
         return out
 
@@ -138,7 +138,7 @@ def _pax_records(data: bytes) -> dict[str, str]:
             break
         if length <= 0:
             break
-        record = data[space + 1:pos + length - 1]
+        record = data[space + 1 : pos + length - 1]
         key, sep, value = record.partition(b"=")
         if sep:
             out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
@@ -155,8 +155,9 @@ class TarReader:
     the member being read is dropped, a `(None, None, "truncated")` marker ends the iteration) or
     `no_end_marker`, and `not_a_tar` when no valid header was ever found. `headers_only=True` skips every payload (counting samples without reading them)."""
 
-    def __init__(self, source: Source, max_member_bytes: int, on_problem: Callable[[str, str], None],
-                 headers_only: bool = False):
+    def __init__(
+        self, source: Source, max_member_bytes: int, on_problem: Callable[[str, str], None], headers_only: bool = False
+    ):
         self.source, self.max_member_bytes, self.on_problem = source, max_member_bytes, on_problem
         self.headers_only = headers_only
         self.offset = 0  # bytes consumed so far

@@ -26,8 +26,14 @@ import torch
 
 PAD, CLS, SEP, MASK, EOS, UNK = "[PAD]", "[CLS]", "[SEP]", "[MASK]", "[EOS]", "[UNK]"
 # the roles Hugging Face tokenizers give them (tokenizer_config.json / special_tokens_map.json)
-HF_SPECIAL_TOKENS = {"pad_token": PAD, "cls_token": CLS, "sep_token": SEP, "mask_token": MASK, "eos_token": EOS,
-                     "unk_token": UNK}
+HF_SPECIAL_TOKENS = {
+    "pad_token": PAD,
+    "cls_token": CLS,
+    "sep_token": SEP,
+    "mask_token": MASK,
+    "eos_token": EOS,
+    "unk_token": UNK,
+}
 SPECIAL_TOKENS = [PAD, CLS, SEP, MASK, EOS, UNK]
 PAD_ID, CLS_ID, SEP_ID, MASK_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 NUM_SPECIAL = len(SPECIAL_TOKENS)
@@ -42,8 +48,12 @@ def train_tokenizer(texts: list[str], path: str | os.PathLike, vocab_size: int =
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     _check_specials(tok, path)
     tok.save(str(path))
@@ -57,8 +67,12 @@ def write_hf_config(directory: str | os.PathLike) -> None:
     pad / cls / sep / mask / eos / unk. Ids come without special tokens (no post-processor): the pipelines add
     [CLS] / [SEP] / [EOS] themselves."""
     directory = Path(directory)
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              "model_input_names": ["input_ids", "attention_mask"], **HF_SPECIAL_TOKENS}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],
+        **HF_SPECIAL_TOKENS,
+    }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     (directory / "special_tokens_map.json").write_text(json.dumps(HF_SPECIAL_TOKENS, indent=1))
 
@@ -88,7 +102,7 @@ def _window(ids: list[int], length: int, gen: torch.Generator) -> list[int]:
     if len(ids) <= length:
         return ids
     start = _randint(len(ids) - length + 1, gen)
-    return ids[start:start + length]
+    return ids[start : start + length]
 
 
 CHARS_PER_TOKEN_BOUND = 6  # measured 3.1-4.1 chars per token on these corpora; a shorter window only pads
@@ -106,7 +120,7 @@ def tokenize_windows(tokenizer, texts: list[str], max_tokens: int, gen: torch.Ge
             if start:
                 space = t.find(" ", start, start + 64)
                 start = space + 1 if space >= 0 else start
-            t = t[start:start + max_chars]
+            t = t[start : start + max_chars]
         pieces.append(t)
     return [e.ids for e in tokenizer.encode_batch(pieces)]
 
@@ -114,7 +128,7 @@ def tokenize_windows(tokenizer, texts: list[str], max_tokens: int, gen: torch.Ge
 def _pad(rows: list[list[int]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(rows), seq_len), PAD_ID, dtype=torch.int64)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.int64)
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
     return ids, (ids != PAD_ID).long()
 
 
@@ -130,8 +144,9 @@ def caption_ids(tokenizer, texts: list[str], seq_len: int) -> tuple[torch.Tensor
     return ids, (ids != PAD_ID).long()
 
 
-def mask_tokens(input_ids: torch.Tensor, vocab_size: int, gen: torch.Generator, mask_prob: float = 0.15
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    input_ids: torch.Tensor, vocab_size: int, gen: torch.Generator, mask_prob: float = 0.15
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: select `mask_prob` of the non-special tokens; of those 80% -> [MASK], 10% -> a random
     ordinary token, 10% unchanged. Returns (masked ids, labels with -100 at unselected positions)."""
     maskable = input_ids >= NUM_SPECIAL
@@ -167,8 +182,9 @@ def span_lengths(n: int, spans: SpanMasking, gen: torch.Generator) -> torch.Tens
     return torch.multinomial(weights / weights.sum(), n, replacement=True, generator=gen) + 1
 
 
-def mask_spans(input_ids: torch.Tensor, vocab_size: int, gen: torch.Generator, mask_prob: float,
-               spans: SpanMasking) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_spans(
+    input_ids: torch.Tensor, vocab_size: int, gen: torch.Generator, mask_prob: float, spans: SpanMasking
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Span masking: per row, round(`mask_prob` x its ordinary tokens) are selected as contiguous spans. Each
     span starts at a uniformly drawn unselected ordinary token and runs right for its drawn length, stopping at
     a special token, at an already selected token, or when the row's budget is met. As in SpanBERT, each span as
@@ -206,16 +222,23 @@ def mask_spans(input_ids: torch.Tensor, vocab_size: int, gen: torch.Generator, m
     return out, labels
 
 
-def apply_masking(ids: torch.Tensor, vocab_size: int, gen: torch.Generator, mask_prob: float,
-                  spans: SpanMasking | None) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_masking(
+    ids: torch.Tensor, vocab_size: int, gen: torch.Generator, mask_prob: float, spans: SpanMasking | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's token masking (`spans=None`) or span masking."""
     if spans is None:
         return mask_tokens(ids, vocab_size, gen, mask_prob)
     return mask_spans(ids, vocab_size, gen, mask_prob, spans)
 
 
-def mlm_batch(docs: list[list[int]], seq_len: int, vocab_size: int, gen: torch.Generator,
-              mask_prob: float = 0.15, spans: SpanMasking | None = None) -> dict:
+def mlm_batch(
+    docs: list[list[int]],
+    seq_len: int,
+    vocab_size: int,
+    gen: torch.Generator,
+    mask_prob: float = 0.15,
+    spans: SpanMasking | None = None,
+) -> dict:
     """[CLS] window [SEP] [PAD]... per document, then masking (of tokens, or of spans when `spans` is set)."""
     rows = [[CLS_ID] + _window(d, seq_len - 2, gen) + [SEP_ID] for d in docs]
     ids, attention = _pad(rows, seq_len)
@@ -223,8 +246,14 @@ def mlm_batch(docs: list[list[int]], seq_len: int, vocab_size: int, gen: torch.G
     return {"input_ids": masked, "attention_mask": attention, "labels": labels}
 
 
-def nsp_batch(docs: list[list[int]], seq_len: int, vocab_size: int, gen: torch.Generator,
-              mask_prob: float = 0.15, spans: SpanMasking | None = None) -> dict:
+def nsp_batch(
+    docs: list[list[int]],
+    seq_len: int,
+    vocab_size: int,
+    gen: torch.Generator,
+    mask_prob: float = 0.15,
+    spans: SpanMasking | None = None,
+) -> dict:
     """Sentence pairs `[CLS] A [SEP] B [SEP]`: exactly half the rows (rounded down) take B from the next
     document in the batch (another document), the others from the continuation of A; then MLM masking."""
     n = len(docs)
@@ -246,10 +275,15 @@ def nsp_batch(docs: list[list[int]], seq_len: int, vocab_size: int, gen: torch.G
     ids, attention = _pad(rows, seq_len)
     token_types = torch.zeros_like(ids)
     for i, t in enumerate(types):
-        token_types[i, :len(t)] = torch.tensor(t)
+        token_types[i, : len(t)] = torch.tensor(t)
     masked, mlm_labels = apply_masking(ids, vocab_size, gen, mask_prob, spans)
-    return {"input_ids": masked, "attention_mask": attention, "labels": mlm_labels, "token_type_ids": token_types,
-            "next_sentence_label": torch.tensor(labels, dtype=torch.int64)}
+    return {
+        "input_ids": masked,
+        "attention_mask": attention,
+        "labels": mlm_labels,
+        "token_type_ids": token_types,
+        "next_sentence_label": torch.tensor(labels, dtype=torch.int64),
+    }
 
 
 def classify_batch(docs: list[list[int]], labels: list[int], seq_len: int) -> dict:

@@ -76,8 +76,9 @@ class Normalize:
             self.mean = tuple(float(v) for v in self.mean)
             self.std = tuple(float(v) for v in self.std)
             if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
-                raise ValueError(f"normalize.mean / std need one value per channel (1 or 3), got {self.mean}, "
-                                 f"{self.std}")
+                raise ValueError(
+                    f"normalize.mean / std need one value per channel (1 or 3), got {self.mean}, {self.std}"
+                )
             if min(self.std) <= 0:
                 raise ValueError(f"normalize.std must be > 0, got {self.std}")
 
@@ -95,8 +96,9 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0)
 
 
-def _crop_grid(w: torch.Tensor, h: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, flip: torch.Tensor,
-               size: int) -> torch.Tensor:
+def _crop_grid(
+    w: torch.Tensor, h: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, flip: torch.Tensor, size: int
+) -> torch.Tensor:
     # the affine grid, built by broadcasting (affine_grid's batched matmul is slower for tiny images)
     base = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1  # pixel centres, align_corners=False
     gx = (w * flip)[:, None, None] * base[None, None, :] + cx[:, None, None]
@@ -104,8 +106,14 @@ def _crop_grid(w: torch.Tensor, h: torch.Tensor, cx: torch.Tensor, cy: torch.Ten
     return torch.stack(torch.broadcast_tensors(gx, gy), dim=-1)
 
 
-def _draw_crop(b: int, dims: list[tuple[int, int]] | None, size: int, cfg: AugmentConfig, gen: torch.Generator,
-               scale: tuple[float, float] | None) -> torch.Tensor:
+def _draw_crop(
+    b: int,
+    dims: list[tuple[int, int]] | None,
+    size: int,
+    cfg: AugmentConfig,
+    gen: torch.Generator,
+    scale: tuple[float, float] | None,
+) -> torch.Tensor:
     """The sampling grids (B, size, size, 2) of random resized crops + flips; `dims` (H, W) per source, None when
     all are square."""
     area = _uniform(b, *(scale or cfg.crop_scale), gen)
@@ -148,8 +156,13 @@ def _sample_list(x: list[torch.Tensor], grid: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def resized_crop_flip(x: torch.Tensor | list[torch.Tensor], size: int, cfg: AugmentConfig, gen: torch.Generator,
-                      scale: tuple[float, float] | None = None) -> torch.Tensor:
+def resized_crop_flip(
+    x: torch.Tensor | list[torch.Tensor],
+    size: int,
+    cfg: AugmentConfig,
+    gen: torch.Generator,
+    scale: tuple[float, float] | None = None,
+) -> torch.Tensor:
     """Random resized crop (area fraction `scale`, default cfg.crop_scale; aspect ratio in cfg.crop_ratio, in
     pixels) + horizontal flip, bilinear, to `size` x `size`. `x`: float (B, C, H, W), or a list of float
     (C, H, W) of different sizes (then sampled per group of equal size with the same per-sample draws)."""
@@ -160,7 +173,7 @@ def resized_crop_flip(x: torch.Tensor | list[torch.Tensor], size: int, cfg: Augm
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 1, H, W) grey, ITU-R 601-2 weights."""
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 _SECTORS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
@@ -185,9 +198,11 @@ def hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 # order) and an apply (on any slice of the batch with the matching slice of the parameters). simclr_view draws
 # everything first and then applies in cache-sized chunks: the same numbers, 2-3x faster at 224 px.
 def _draw_jitter(b: int, rgb: bool, cfg: AugmentConfig, gen: torch.Generator) -> dict:
-    p = {"apply": _coin(b, cfg.jitter_p, gen).view(b, 1, 1, 1),
-         "bright": _uniform(b, 1 - cfg.brightness, 1 + cfg.brightness, gen).view(b, 1, 1, 1),
-         "contrast": _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, gen).view(b, 1, 1, 1)}
+    p = {
+        "apply": _coin(b, cfg.jitter_p, gen).view(b, 1, 1, 1),
+        "bright": _uniform(b, 1 - cfg.brightness, 1 + cfg.brightness, gen).view(b, 1, 1, 1),
+        "contrast": _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, gen).view(b, 1, 1, 1),
+    }
     if rgb:  # drawn only for colour batches: grey recipes keep their exact random stream
         p["sat"] = _uniform(b, max(0.0, 1 - cfg.saturation), 1 + cfg.saturation, gen).view(b, 1, 1, 1)
         p["shift"] = _uniform(b, -cfg.hue, cfg.hue, gen)
@@ -274,8 +289,13 @@ def _slice(p: dict, i: int, j: int) -> dict:
     return {k: v[i:j] for k, v in p.items()}
 
 
-def simclr_view(images: torch.Tensor | list[torch.Tensor], size: int, cfg: AugmentConfig, gen: torch.Generator,
-                scale: tuple[float, float] | None = None) -> torch.Tensor:
+def simclr_view(
+    images: torch.Tensor | list[torch.Tensor],
+    size: int,
+    cfg: AugmentConfig,
+    gen: torch.Generator,
+    scale: tuple[float, float] | None = None,
+) -> torch.Tensor:
     """One augmented view of uint8 images ((B, C, H, W), or a list of (C, H, W) of mixed sizes): crop + flip,
     colour jitter, grayscale (RGB), blur, solarize, noise, with every random number drawn first in that order."""
     b = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
@@ -302,8 +322,16 @@ def simclr_view(images: torch.Tensor | list[torch.Tensor], size: int, cfg: Augme
     return (out[0] if len(out) == 1 else torch.cat(out)).contiguous()
 
 
-def simclr_batch(images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, size: int, cfg: AugmentConfig,
-                 gen: torch.Generator, views: int = 2, local_views: int = 0, local_size: int | None = None) -> dict:
+def simclr_batch(
+    images: torch.Tensor | list[torch.Tensor],
+    labels: torch.Tensor,
+    size: int,
+    cfg: AugmentConfig,
+    gen: torch.Generator,
+    views: int = 2,
+    local_views: int = 0,
+    local_size: int | None = None,
+) -> dict:
     """`views` global views view1..viewN at `size` and `local_views` small ones local1..localM at `local_size`
     (multi-crop, area fraction cfg.local_crop_scale), drawn in that order, plus the labels."""
     out = {f"view{i + 1}": simclr_view(images, size, cfg, gen) for i in range(views)}
@@ -313,8 +341,9 @@ def simclr_batch(images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor
     return out
 
 
-def crop_flip_view(images: torch.Tensor | list[torch.Tensor], size: int, cfg: AugmentConfig,
-                   gen: torch.Generator) -> torch.Tensor:
+def crop_flip_view(
+    images: torch.Tensor | list[torch.Tensor], size: int, cfg: AugmentConfig, gen: torch.Generator
+) -> torch.Tensor:
     """The geometric part of a view only (random resized crop + flip): image-text pairs keep their colours, which
     captions may describe."""
     return resized_crop_flip(_as_float(images), size, cfg, gen).contiguous()
@@ -332,7 +361,7 @@ def resize_center(image: torch.Tensor, size: int) -> torch.Tensor:
         if (nh, nw) != (h, w):
             x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
         top, left = (nh - size) // 2, (nw - size) // 2
-        x = x[:, top:top + size, left:left + size].clamp_(0, 1)
+        x = x[:, top : top + size, left : left + size].clamp_(0, 1)
     return x
 
 
@@ -345,8 +374,9 @@ def eval_images(images: torch.Tensor | list[torch.Tensor], size: int | None) -> 
     return torch.stack([resize_center(t, size) for t in images])
 
 
-def rotation_batch(images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, gen: torch.Generator,
-                   size: int | None = None) -> dict:
+def rotation_batch(
+    images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, gen: torch.Generator, size: int | None = None
+) -> dict:
     """Each image rotated by k * 90 degrees (k uniform in 0..3, counter-clockwise); target `rotation` = k."""
     x = eval_images(images, size)
     if x.shape[-1] != x.shape[-2]:

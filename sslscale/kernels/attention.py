@@ -91,8 +91,10 @@ def _all_configs(kernel: str) -> list[triton.Config]:
 
 def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
-        wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                  for c in configs_for(kernel, kwargs["HEAD_DIM"], kwargs["FP32_DOT"])}
+        wanted = {
+            (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            for c in configs_for(kernel, kwargs["HEAD_DIM"], kwargs["FP32_DOT"])
+        }
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
     return {"early_config_prune": prune}
@@ -108,8 +110,23 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr):
 
 @triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_m, lo, hi, T, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    skt,
+    svt,
+    offs_m,
+    lo,
+    hi,
+    T,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     """Online-softmax update of one query tile over the key tiles [lo, hi), in base 2 (qk_scale has log2 e)."""
@@ -140,10 +157,31 @@ def _fwd_tiles(
 @triton.autotune(configs=_all_configs("fwd"), key=["T", "HEAD_DIM"], prune_configs_by=_pruner("fwd"))
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, qk_scale,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    H, T, GROUP,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    qk_scale,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    sob,
+    soh,
+    sot,
+    H,
+    T,
+    GROUP,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     n_tiles = tl.cdiv(T, BLOCK_M)
     pid = tl.program_id(0)
@@ -165,12 +203,47 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # Key tiles wholly below the diagonal: no mask, all in bounds.
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_m, 0, start_m, T, qk_scale,
-                               HEAD_DIM, BLOCK_M, BLOCK_N, False, FP32_DOT)
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        skt,
+        svt,
+        offs_m,
+        0,
+        start_m,
+        T,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_M,
+        BLOCK_N,
+        False,
+        FP32_DOT,
+    )
     # Key tiles straddling the diagonal (and the end of the sequence): causal mask.
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_m, start_m,
-                               tl.minimum(start_m + BLOCK_M, T), T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, True,
-                               FP32_DOT)
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        skt,
+        svt,
+        offs_m,
+        start_m,
+        tl.minimum(start_m + BLOCK_M, T),
+        T,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_M,
+        BLOCK_N,
+        True,
+        FP32_DOT,
+    )
 
     out = acc / l_i[:, None]
     o_ptrs = Out + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :]
@@ -180,8 +253,9 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_delta_kernel(Out, DO, Delta, sob, soh, sot, sgb, sgh, sgt, H, T,
-                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_delta_kernel(
+    Out, DO, Delta, sob, soh, sot, sgb, sgh, sgt, H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr
+):
     """delta_i = sum_d dO_id * O_id, the softmax-backward correction shared by every key of row i."""
     n_tiles = tl.cdiv(T, BLOCK_M)
     pid = tl.program_id(0)
@@ -198,8 +272,25 @@ def _bwd_delta_kernel(Out, DO, Delta, sob, soh, sot, sgb, sgh, sgt, H, T,
 
 @triton.jit
 def _bwd_dkdv_tiles(
-    dk, dv, k, v, q_base, do_base, sqt, sgt, lse_base, delta_base, offs_n, lo, hi, T, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    sqt,
+    sgt,
+    lse_base,
+    delta_base,
+    offs_n,
+    lo,
+    hi,
+    T,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     """Accumulate one key tile's dK (unscaled) and dV over the query tiles [lo, hi), in transposed form.
@@ -228,10 +319,42 @@ def _bwd_dkdv_tiles(
 @triton.autotune(configs=_all_configs("dkdv"), key=["T", "HEAD_DIM"], prune_configs_by=_pruner("dkdv"))
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, scale,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sgb, sgh, sgt, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
-    H, HKV, T, GROUP,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    qk_scale,
+    scale,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    sgb,
+    sgh,
+    sgt,
+    sdkb,
+    sdkh,
+    sdkt,
+    sdvb,
+    sdvh,
+    sdvt,
+    H,
+    HKV,
+    T,
+    GROUP,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     n_tiles = tl.cdiv(T, BLOCK_N)
     pid = tl.program_id(0)
@@ -248,17 +371,57 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     diag_end = tl.minimum(start_n + BLOCK_N, T)
-    for g in range(0, GROUP):
+    for g in range(GROUP):
         h = hk * GROUP + g
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sgb + h * sgh
         stats = (b * H + h) * T
         # Query tiles straddling the diagonal: causal mask.
-        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sgt, Lse + stats, Delta + stats, offs_n,
-                                 start_n, diag_end, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, True, FP32_DOT)
+        dk, dv = _bwd_dkdv_tiles(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            sqt,
+            sgt,
+            Lse + stats,
+            Delta + stats,
+            offs_n,
+            start_n,
+            diag_end,
+            T,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_N,
+            True,
+            FP32_DOT,
+        )
         # Query tiles wholly below the diagonal.
-        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sgt, Lse + stats, Delta + stats, offs_n,
-                                 start_n + BLOCK_N, T, T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, False, FP32_DOT)
+        dk, dv = _bwd_dkdv_tiles(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            sqt,
+            sgt,
+            Lse + stats,
+            Delta + stats,
+            offs_n,
+            start_n + BLOCK_N,
+            T,
+            T,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_N,
+            False,
+            FP32_DOT,
+        )
     dk_ptrs = DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :]
     dv_ptrs = DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvt + offs_d[None, :]
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
@@ -267,8 +430,24 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_tiles(
-    dq, q, do, lse2, delta, k_base, v_base, skt, svt, offs_m, lo, hi, T, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    skt,
+    svt,
+    offs_m,
+    lo,
+    hi,
+    T,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     """Accumulate one query tile's dQ (unscaled) over the key tiles [lo, hi)."""
@@ -298,10 +477,37 @@ def _bwd_dq_tiles(
 @triton.autotune(configs=_all_configs("dq"), key=["T", "HEAD_DIM"], prune_configs_by=_pruner("dq"))
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, qk_scale, scale,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sgb, sgh, sgt, sdqb, sdqh, sdqt,
-    H, T, GROUP,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    qk_scale,
+    scale,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    sgb,
+    sgh,
+    sgt,
+    sdqb,
+    sdqh,
+    sdqt,
+    H,
+    T,
+    GROUP,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     n_tiles = tl.cdiv(T, BLOCK_M)
     pid = tl.program_id(0)
@@ -321,10 +527,48 @@ def _bwd_dq_kernel(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, skt, svt, offs_m, 0, start_m, T, qk_scale,
-                       HEAD_DIM, BLOCK_M, BLOCK_N, False, FP32_DOT)
-    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, skt, svt, offs_m, start_m,
-                       tl.minimum(start_m + BLOCK_M, T), T, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, True, FP32_DOT)
+    dq = _bwd_dq_tiles(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        skt,
+        svt,
+        offs_m,
+        0,
+        start_m,
+        T,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_M,
+        BLOCK_N,
+        False,
+        FP32_DOT,
+    )
+    dq = _bwd_dq_tiles(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        skt,
+        svt,
+        offs_m,
+        start_m,
+        tl.minimum(start_m + BLOCK_M, T),
+        T,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_M,
+        BLOCK_N,
+        True,
+        FP32_DOT,
+    )
     dq_ptrs = DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -342,8 +586,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"triton attention takes fp32 or bf16 q/k/v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q (B, H, T, D) and k, v (B, Hkv, T, D), got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q (B, H, T, D) and k, v (B, Hkv, T, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     b, h, t, d = q.shape
     if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d:
         raise ValueError(f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in B, T or D")
@@ -357,8 +602,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.device.type == "cpu" and not INTERPRET:
-        raise RuntimeError("the Triton attention kernels run on CPU tensors only in interpreter mode: set "
-                           "TRITON_INTERPRET=1 before sslscale.kernels.attention is imported")
+        raise RuntimeError(
+            "the Triton attention kernels run on CPU tensors only in interpreter mode: set "
+            "TRITON_INTERPRET=1 before sslscale.kernels.attention is imported"
+        )
     return b, h, hkv, t, d
 
 
@@ -391,8 +638,23 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]) * b * h,)  # noqa: E731
     with _on(q.device):
-        _fwd_kernel[grid](q, k, v, out, lse, scale * LOG2E, *_bht(q), *_bht(k), *_bht(v), *_bht(out), h, t,
-                          h // hkv, HEAD_DIM=d, FP32_DOT=_fp32_dot(q.dtype))
+        _fwd_kernel[grid](
+            q,
+            k,
+            v,
+            out,
+            lse,
+            scale * LOG2E,
+            *_bht(q),
+            *_bht(k),
+            *_bht(v),
+            *_bht(out),
+            h,
+            t,
+            h // hkv,
+            HEAD_DIM=d,
+            FP32_DOT=_fp32_dot(q.dtype),
+        )
     return out, lse
 
 
@@ -411,8 +673,10 @@ def attention_bwd(
     b, h, hkv, t, d = _check(q, k, v)
     scale = check_scale(scale)
     if grad_out.shape != q.shape or out.shape != q.shape or lse.shape != (b, h, t):
-        raise ValueError(f"grad_out/out must have q's shape {tuple(q.shape)} and lse {(b, h, t)}, got "
-                         f"{tuple(grad_out.shape)}, {tuple(out.shape)}, {tuple(lse.shape)}")
+        raise ValueError(
+            f"grad_out/out must have q's shape {tuple(q.shape)} and lse {(b, h, t)}, got "
+            f"{tuple(grad_out.shape)}, {tuple(out.shape)}, {tuple(lse.shape)}"
+        )
     if lse.dtype != torch.float32:
         raise TypeError(f"lse must be float32, got {lse.dtype}")
     q, k, v, out = rows_strided(q), rows_strided(k), rows_strided(v), rows_strided(out)
@@ -425,13 +689,53 @@ def attention_bwd(
     delta_block = 64
     with _on(q.device):
         _bwd_delta_kernel[(triton.cdiv(t, delta_block) * b * h,)](
-            out, grad_out, delta, *_bht(out), *_bht(grad_out), h, t, HEAD_DIM=d, BLOCK_M=delta_block)
+            out, grad_out, delta, *_bht(out), *_bht(grad_out), h, t, HEAD_DIM=d, BLOCK_M=delta_block
+        )
         dkdv_grid = lambda meta: (triton.cdiv(t, meta["BLOCK_N"]) * b * hkv,)  # noqa: E731
         _bwd_dkdv_kernel[dkdv_grid](
-            q, k, v, grad_out, lse, delta, dk, dv, scale * LOG2E, scale, *_bht(q), *_bht(k), *_bht(v),
-            *_bht(grad_out), *_bht(dk), *_bht(dv), h, hkv, t, group, HEAD_DIM=d, FP32_DOT=fp32_dot)
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            dk,
+            dv,
+            scale * LOG2E,
+            scale,
+            *_bht(q),
+            *_bht(k),
+            *_bht(v),
+            *_bht(grad_out),
+            *_bht(dk),
+            *_bht(dv),
+            h,
+            hkv,
+            t,
+            group,
+            HEAD_DIM=d,
+            FP32_DOT=fp32_dot,
+        )
         dq_grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]) * b * h,)  # noqa: E731
         _bwd_dq_kernel[dq_grid](
-            q, k, v, grad_out, lse, delta, dq, scale * LOG2E, scale, *_bht(q), *_bht(k), *_bht(v),
-            *_bht(grad_out), *_bht(dq), h, t, group, HEAD_DIM=d, FP32_DOT=fp32_dot)
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            dq,
+            scale * LOG2E,
+            scale,
+            *_bht(q),
+            *_bht(k),
+            *_bht(v),
+            *_bht(grad_out),
+            *_bht(dq),
+            h,
+            t,
+            group,
+            HEAD_DIM=d,
+            FP32_DOT=fp32_dot,
+        )
     return dq, dk, dv

@@ -61,9 +61,20 @@ def _load_tile(ptr, offs, mask, k0, d, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _scores(a_ptr, b_ptr, offs_a, offs_b, mask_a, mask_b, d,
-            BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-            INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+def _scores(
+    a_ptr,
+    b_ptr,
+    offs_a,
+    offs_b,
+    mask_a,
+    mask_b,
+    d,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """a[offs_a] . b[offs_b] as a (BLOCK_A, BLOCK_B) fp32 tile, reducing over d in BLOCK_K slices."""
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for k0 in range(0, d, BLOCK_K):
@@ -74,9 +85,23 @@ def _scores(a_ptr, b_ptr, offs_a, offs_b, mask_a, mask_b, d,
 
 
 @triton.jit
-def _fwd_kernel(rows_ptr, cols_ptr, pos_ptr, self_ptr, part_lse_ptr, part_pos_ptr, m, n, d, cols_per_split,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_kernel(
+    rows_ptr,
+    cols_ptr,
+    pos_ptr,
+    self_ptr,
+    part_lse_ptr,
+    part_pos_ptr,
+    m,
+    n,
+    d,
+    cols_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Partial (lse, positive logit) of 64 rows over the columns of split program_id(1)."""
     split = tl.program_id(1)
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -92,8 +117,9 @@ def _fwd_kernel(rows_ptr, cols_ptr, pos_ptr, self_ptr, part_lse_ptr, part_pos_pt
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_n = offs_n < hi
-        s = _scores(rows_ptr, cols_ptr, offs_m, offs_n, mask_m, mask_n, d, BLOCK_M, BLOCK_N, BLOCK_K,
-                    INTERPRET, PRECISION)
+        s = _scores(
+            rows_ptr, cols_ptr, offs_m, offs_n, mask_m, mask_n, d, BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, PRECISION
+        )
         positive += tl.sum(tl.where(offs_n[None, :] == pos[:, None], s, 0.0), axis=1)
         keep = mask_n[None, :] & (offs_n[None, :] != self_idx[:, None])
         s = tl.where(keep, s, float("-inf"))
@@ -126,9 +152,22 @@ def _grad_logits_t(s_t, offs_n, mask_n, pos, self_idx, lse, g):
 
 
 @triton.jit
-def _accumulate(acc, ds, src_ptr, offs_src, mask_src, out_ptr, offs_out, mask_out, d,
-                REGISTER_ACC: tl.constexpr, BLOCK_D: tl.constexpr, BF16_GRAD: tl.constexpr,
-                INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+def _accumulate(
+    acc,
+    ds,
+    src_ptr,
+    offs_src,
+    mask_src,
+    out_ptr,
+    offs_out,
+    mask_out,
+    d,
+    REGISTER_ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BF16_GRAD: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """acc (own tile x d) += ds (own tile x other tile) @ src[offs_src, :], over the whole feature width.
 
     REGISTER_ACC: acc is a register tile of width BLOCK_D >= d. Otherwise acc is unused and each BLOCK_D feature
@@ -162,10 +201,27 @@ def _store_acc(acc, out_ptr, offs, mask, d, REGISTER_ACC: tl.constexpr, BLOCK_D:
 
 
 @triton.jit
-def _bwd_rows_kernel(grad_ptr, rows_ptr, cols_ptr, pos_ptr, self_ptr, lse_ptr, out_ptr, m, n, d, cols_per_split,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                     REGISTER_ACC: tl.constexpr, INTERPRET: tl.constexpr, BF16_GRAD: tl.constexpr,
-                     PRECISION: tl.constexpr):
+def _bwd_rows_kernel(
+    grad_ptr,
+    rows_ptr,
+    cols_ptr,
+    pos_ptr,
+    self_ptr,
+    lse_ptr,
+    out_ptr,
+    m,
+    n,
+    d,
+    cols_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    REGISTER_ACC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BF16_GRAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """d_rows of one row tile over the columns of split program_id(1), into out_ptr[split] (m x d)."""
     split = tl.program_id(1)
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -182,19 +238,51 @@ def _bwd_rows_kernel(grad_ptr, rows_ptr, cols_ptr, pos_ptr, self_ptr, lse_ptr, o
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_n = offs_n < hi
-        s = _scores(rows_ptr, cols_ptr, offs_m, offs_n, mask_m, mask_n, d, BLOCK_M, BLOCK_N, BLOCK_K,
-                    INTERPRET, PRECISION)
+        s = _scores(
+            rows_ptr, cols_ptr, offs_m, offs_n, mask_m, mask_n, d, BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, PRECISION
+        )
         ds = _grad_logits(s, offs_n, mask_n, pos, self_idx, lse, g)
-        acc = _accumulate(acc, ds, cols_ptr, offs_n, mask_n, out_ptr, offs_m, mask_m, d,
-                          REGISTER_ACC, BLOCK_D, BF16_GRAD, INTERPRET, PRECISION)
+        acc = _accumulate(
+            acc,
+            ds,
+            cols_ptr,
+            offs_n,
+            mask_n,
+            out_ptr,
+            offs_m,
+            mask_m,
+            d,
+            REGISTER_ACC,
+            BLOCK_D,
+            BF16_GRAD,
+            INTERPRET,
+            PRECISION,
+        )
     _store_acc(acc, out_ptr, offs_m, mask_m, d, REGISTER_ACC, BLOCK_D)
 
 
 @triton.jit
-def _bwd_cols_kernel(grad_ptr, rows_ptr, cols_ptr, pos_ptr, self_ptr, lse_ptr, out_ptr, m, n, d, rows_per_split,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                     REGISTER_ACC: tl.constexpr, INTERPRET: tl.constexpr, BF16_GRAD: tl.constexpr,
-                     PRECISION: tl.constexpr):
+def _bwd_cols_kernel(
+    grad_ptr,
+    rows_ptr,
+    cols_ptr,
+    pos_ptr,
+    self_ptr,
+    lse_ptr,
+    out_ptr,
+    m,
+    n,
+    d,
+    rows_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    REGISTER_ACC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BF16_GRAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """d_cols of one column tile over the rows of split program_id(1), into out_ptr[split] (n x d)."""
     split = tl.program_id(1)
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -212,11 +300,26 @@ def _bwd_cols_kernel(grad_ptr, rows_ptr, cols_ptr, pos_ptr, self_ptr, lse_ptr, o
         lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
         g = tl.load(grad_ptr + offs_m, mask=mask_m, other=0.0)
         # scores transposed (columns x rows), so g (p - t) comes out as the left operand of its product with rows
-        s_t = _scores(cols_ptr, rows_ptr, offs_n, offs_m, mask_n, mask_m, d, BLOCK_N, BLOCK_M, BLOCK_K,
-                      INTERPRET, PRECISION)
+        s_t = _scores(
+            cols_ptr, rows_ptr, offs_n, offs_m, mask_n, mask_m, d, BLOCK_N, BLOCK_M, BLOCK_K, INTERPRET, PRECISION
+        )
         ds_t = _grad_logits_t(s_t, offs_n, mask_n, pos, self_idx, lse, g)
-        acc = _accumulate(acc, ds_t, rows_ptr, offs_m, mask_m, out_ptr, offs_n, mask_n, d,
-                          REGISTER_ACC, BLOCK_D, BF16_GRAD, INTERPRET, PRECISION)
+        acc = _accumulate(
+            acc,
+            ds_t,
+            rows_ptr,
+            offs_m,
+            mask_m,
+            out_ptr,
+            offs_n,
+            mask_n,
+            d,
+            REGISTER_ACC,
+            BLOCK_D,
+            BF16_GRAD,
+            INTERPRET,
+            PRECISION,
+        )
     _store_acc(acc, out_ptr, offs_n, mask_n, d, REGISTER_ACC, BLOCK_D)
 
 
@@ -259,8 +362,7 @@ def config(d: int, dtype: torch.dtype, interpreted: bool = _INTERPRETED) -> Conf
     else:
         block_k, block_d = 64, width if register_acc else 128
         warps, per_sm = (8, 2) if width >= 128 else (4, 2)
-    return Config(64, 64, block_k, block_d, register_acc, warps, 2, per_sm, False, dtype == torch.bfloat16,
-                  precision)
+    return Config(64, 64, block_k, block_d, register_acc, warps, 2, per_sm, False, dtype == torch.bfloat16, precision)
 
 
 def sm_count(device: torch.device) -> int:
@@ -336,9 +438,23 @@ def infonce_fwd(
     part_pos = torch.empty_like(part_lse)
     with _on(rows.device):
         _fwd_kernel[grid](
-            rows, cols, pos, self_idx, part_lse, part_pos, m, n, d, plan["forward"]["per_split"],
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, INTERPRET=cfg.interpret,
-            PRECISION=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            rows,
+            cols,
+            pos,
+            self_idx,
+            part_lse,
+            part_pos,
+            m,
+            n,
+            d,
+            plan["forward"]["per_split"],
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            INTERPRET=cfg.interpret,
+            PRECISION=cfg.precision,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
     if grid[1] == 1:
         lse, positive = part_lse[0], part_pos[0]
@@ -376,9 +492,16 @@ def infonce_bwd(
     plan = launch_plan(m, n, d, rows.dtype, sm_count(rows.device))
     cfg = plan["config"]
     common = dict(
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
-        REGISTER_ACC=cfg.register_acc, INTERPRET=cfg.interpret, BF16_GRAD=cfg.bf16_grad, PRECISION=cfg.precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        BLOCK_D=cfg.block_d,
+        REGISTER_ACC=cfg.register_acc,
+        INTERPRET=cfg.interpret,
+        BF16_GRAD=cfg.bf16_grad,
+        PRECISION=cfg.precision,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     outputs = []
     for kernel, side, size, src in ((_bwd_rows_kernel, "d_rows", m, rows), (_bwd_cols_kernel, "d_cols", n, cols)):

@@ -16,7 +16,8 @@ import difflib
 import inspect
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -114,8 +115,10 @@ def read_metadata(path: str) -> dict[str, Any]:
     if raw is None:
         sidecar = os.path.splitext(path)[0] + ".json"
         if not os.path.exists(sidecar):
-            raise ValueError(f"{path!r} has no {METADATA_KEY!r} metadata and no sidecar {sidecar!r}; "
-                             "cannot tell which encoder architecture it holds")
+            raise ValueError(
+                f"{path!r} has no {METADATA_KEY!r} metadata and no sidecar {sidecar!r}; "
+                "cannot tell which encoder architecture it holds"
+            )
         with open(sidecar) as f:
             raw = f.read()
     meta = json.loads(raw)
@@ -131,14 +134,33 @@ def load_encoder(path: str) -> nn.Module:
     encoder = encoder_from_config(read_metadata(path)["encoder"])
     state = load_file(path)
     if state and all(k.startswith("encoder.") for k in state):  # tolerate files written from the objective
-        state = {k[len("encoder."):]: v for k, v in state.items()}
+        state = {k[len("encoder.") :]: v for k, v in state.items()}
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path!r} does not match its encoder config: missing keys {missing[:5]}, "
-                         f"unexpected keys {unexpected[:5]}")
+        raise ValueError(
+            f"{path!r} does not match its encoder config: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
     return encoder.eval()
 
 
-__all__ = ["build_encoder", "build_head", "check_kwargs", "encoder_from_config", "image_encoder", "load_encoder",
-           "read_metadata", "save_encoder", "ENCODERS", "HEADS", "BERT", "CLIP", "ConvNetSmall", "GPT", "MLPHead",
-           "ResNet", "ResNetSmall", "TextTransformer", "ViT"]
+__all__ = [
+    "BERT",
+    "CLIP",
+    "ENCODERS",
+    "GPT",
+    "HEADS",
+    "ConvNetSmall",
+    "MLPHead",
+    "ResNet",
+    "ResNetSmall",
+    "TextTransformer",
+    "ViT",
+    "build_encoder",
+    "build_head",
+    "check_kwargs",
+    "encoder_from_config",
+    "image_encoder",
+    "load_encoder",
+    "read_metadata",
+    "save_encoder",
+]

@@ -17,7 +17,7 @@ def positive(name: str, value: Any, *, allow_none: bool = False) -> None:
 
 def fraction(name: str, value: Any, *, high_inclusive: bool = False) -> None:
     """A probability-like float in [0, 1) (or [0, 1])."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0.0
     ok = ok and (value <= 1.0 if high_inclusive else value < 1.0)
     if not ok:
         raise ValueError(f"{name} must be a float in [0, {'1]' if high_inclusive else '1)'}, got {value!r}")

@@ -29,8 +29,9 @@ BertActivation = Literal["gelu", "gelu_tanh", "relu"]
 class BertEmbeddings(nn.Module):
     """word + position + token-type embeddings, LayerNorm, dropout."""
 
-    def __init__(self, vocab_size: int, max_seq_len: int, type_vocab_size: int, dim: int, norm_eps: float,
-                 dropout: float) -> None:
+    def __init__(
+        self, vocab_size: int, max_seq_len: int, type_vocab_size: int, dim: int, norm_eps: float, dropout: float
+    ) -> None:
         super().__init__()
         self.word = nn.Embedding(vocab_size, dim)
         self.position = nn.Embedding(max_seq_len, dim)
@@ -44,8 +45,11 @@ class BertEmbeddings(nn.Module):
             raise ValueError(f"sequence of {t} tokens is longer than max_seq_len={self.position.num_embeddings}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = self.word(input_ids) + self.position(torch.arange(t, device=input_ids.device)) \
+        x = (
+            self.word(input_ids)
+            + self.position(torch.arange(t, device=input_ids.device))
             + self.token_type(token_type_ids)
+        )
         return self.drop(self.norm(x))
 
 
@@ -63,17 +67,29 @@ class Pooler(nn.Module):
 class MLMHead(nn.Module):
     """dense -> activation -> LayerNorm -> tied decoder (+ bias): logits, or the chunked loss given labels."""
 
-    def __init__(self, dim: int, vocab_size: int, embedding: nn.Embedding, activation: BertActivation,
-                 norm_eps: float, chunk_size: int) -> None:
+    def __init__(
+        self,
+        dim: int,
+        vocab_size: int,
+        embedding: nn.Embedding,
+        activation: BertActivation,
+        norm_eps: float,
+        chunk_size: int,
+    ) -> None:
         super().__init__()
         self.dense = nn.Linear(dim, dim)
         self.activation = activation
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.decoder = LMHead(dim, vocab_size, tied_to=embedding, bias=True, chunk_size=chunk_size)
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None, *,
-                reduction: Reduction = "mean", return_correct: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        reduction: Reduction = "mean",
+        return_correct: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         h = self.dense(hidden)
         if self.activation == "relu":
             h = torch.relu(h)
@@ -103,25 +119,52 @@ class BERT(nn.Module):
     ) -> None:
         super().__init__()
         _checks.positive("loss_chunk_size", loss_chunk_size, allow_none=True)
-        for name, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("dim", dim),
-                            ("depth", depth), ("type_vocab_size", type_vocab_size)):
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("max_seq_len", max_seq_len),
+            ("dim", dim),
+            ("depth", depth),
+            ("type_vocab_size", type_vocab_size),
+        ):
             _checks.positive(name, value)
         _checks.one_of("activation", activation, ("gelu", "gelu_tanh", "relu"))
         _checks.fraction("dropout", dropout)
         _checks.positive_float("mlp_ratio", mlp_ratio)
-        self.config = {"name": "bert", "vocab_size": vocab_size, "max_seq_len": max_seq_len, "dim": dim,
-                       "depth": depth, "heads": heads, "mlp_ratio": float(mlp_ratio),
-                       "type_vocab_size": type_vocab_size, "norm_eps": float(norm_eps), "activation": activation,
-                       "dropout": float(dropout), "attn_dropout": float(attn_dropout), "pooler": pooler,
-                       "loss_chunk_size": loss_chunk_size}
+        self.config = {
+            "name": "bert",
+            "vocab_size": vocab_size,
+            "max_seq_len": max_seq_len,
+            "dim": dim,
+            "depth": depth,
+            "heads": heads,
+            "mlp_ratio": float(mlp_ratio),
+            "type_vocab_size": type_vocab_size,
+            "norm_eps": float(norm_eps),
+            "activation": activation,
+            "dropout": float(dropout),
+            "attn_dropout": float(attn_dropout),
+            "pooler": pooler,
+            "loss_chunk_size": loss_chunk_size,
+        }
         self.out_dim = dim
         self.activation_checkpointing = False  # set by the training engine (model.activation_checkpointing)
         self.embeddings = BertEmbeddings(vocab_size, max_seq_len, type_vocab_size, dim, norm_eps, dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, heads, mlp_hidden=round(dim * mlp_ratio), norm="layernorm",
-                             norm_eps=norm_eps, activation=activation, bias=True, causal=False, dropout=dropout,
-                             attn_dropout=attn_dropout, norm_first=False)
-            for _ in range(depth))
+            TransformerBlock(
+                dim,
+                heads,
+                mlp_hidden=round(dim * mlp_ratio),
+                norm="layernorm",
+                norm_eps=norm_eps,
+                activation=activation,
+                bias=True,
+                causal=False,
+                dropout=dropout,
+                attn_dropout=attn_dropout,
+                norm_first=False,
+            )
+            for _ in range(depth)
+        )
         self.pooler = Pooler(dim) if pooler else None
         self.nsp_head = nn.Linear(dim, 2)
         init_normal_(self, std=0.02)
@@ -133,14 +176,20 @@ class BERT(nn.Module):
         """Position and token-type embeddings take no weight decay (biases and norms: the 1-D rule)."""
         return {"embeddings.position.weight", "embeddings.token_type.weight"}
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B, T) ids -> (B, T, dim) hidden states of the last block."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, T), got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
-                             f"{tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                f"{tuple(attention_mask.shape)}"
+            )
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
         x = self.embeddings(input_ids, token_type_ids)
         return run_blocks(self.blocks, x, self.activation_checkpointing, key_padding_mask=mask)
@@ -149,7 +198,11 @@ class BERT(nn.Module):
         """(B, T, dim) -> (B, dim) sentence feature from the [CLS] position."""
         return self.pooler(hidden) if self.pooler is not None else hidden[:, 0]
 
-    def encode(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B, T) ids -> (B, out_dim) pooled features (for probes and classifiers)."""
         return self.pool(self(input_ids, token_type_ids, attention_mask))

@@ -33,8 +33,9 @@ def frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(tracked)
 
 
-def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, activation_checkpointing: bool,
-               **kwargs: Any) -> torch.Tensor:
+def run_blocks(
+    blocks: Iterable[nn.Module], x: torch.Tensor, activation_checkpointing: bool, **kwargs: Any
+) -> torch.Tensor:
     """`x = block(x, **kwargs)` for each block in order; with activation checkpointing (and autograd on) each
     block's activations are freed after its forward and recomputed in backward (dropout replays the same RNG)."""
     if not (activation_checkpointing and torch.is_grad_enabled()):
@@ -42,6 +43,11 @@ def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, activation_checkpoi
             x = block(x, **kwargs)
         return x
     for block in blocks:
-        x = checkpoint(block, x, use_reentrant=False,
-                       context_fn=lambda b=block: (contextlib.nullcontext(), frozen_batchnorm_stats(b)), **kwargs)
+        x = checkpoint(
+            block,
+            x,
+            use_reentrant=False,
+            context_fn=lambda b=block: (contextlib.nullcontext(), frozen_batchnorm_stats(b)),
+            **kwargs,
+        )
     return x

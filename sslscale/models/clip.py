@@ -47,15 +47,25 @@ class TextTransformer(nn.Module):
         attn_backend: AttnBackend | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("dim", dim),
-                            ("depth", depth)):
+        for name, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("dim", dim), ("depth", depth)):
             _checks.positive(name, value)
         _checks.one_of("pool", pool, ("eos", "cls"))
         _checks.fraction("dropout", dropout)
-        self.config = {"name": "text_transformer", "vocab_size": vocab_size, "max_seq_len": max_seq_len,
-                       "dim": dim, "depth": depth, "heads": heads, "mlp_ratio": float(mlp_ratio), "causal": causal,
-                       "pool": pool, "norm_eps": float(norm_eps), "activation": activation,
-                       "dropout": float(dropout), "attn_backend": attn_backend}
+        self.config = {
+            "name": "text_transformer",
+            "vocab_size": vocab_size,
+            "max_seq_len": max_seq_len,
+            "dim": dim,
+            "depth": depth,
+            "heads": heads,
+            "mlp_ratio": float(mlp_ratio),
+            "causal": causal,
+            "pool": pool,
+            "norm_eps": float(norm_eps),
+            "activation": activation,
+            "dropout": float(dropout),
+            "attn_backend": attn_backend,
+        }
         self.causal, self.pool = causal, pool
         self.out_dim = dim
         self.activation_checkpointing = False  # set by the training engine (model.activation_checkpointing)
@@ -64,10 +74,21 @@ class TextTransformer(nn.Module):
         self.drop = nn.Dropout(dropout)
         hidden = mlp_width(dim, mlp_ratio, activation)
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, heads, mlp_hidden=hidden, norm="layernorm", norm_eps=norm_eps,
-                             activation=activation, bias=True, causal=causal,
-                             attn_backend=attn_backend if causal else None, dropout=dropout, norm_first=True)
-            for _ in range(depth))
+            TransformerBlock(
+                dim,
+                heads,
+                mlp_hidden=hidden,
+                norm="layernorm",
+                norm_eps=norm_eps,
+                activation=activation,
+                bias=True,
+                causal=causal,
+                attn_backend=attn_backend if causal else None,
+                dropout=dropout,
+                norm_first=True,
+            )
+            for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         init_normal_(self, std=0.02)
         nn.init.normal_(self.position.weight, std=0.01)
@@ -84,8 +105,7 @@ class TextTransformer(nn.Module):
             raise ValueError(f"sequence of {t} tokens is longer than max_seq_len={self.position.num_embeddings}")
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
         x = self.drop(self.token(input_ids) + self.position(torch.arange(t, device=input_ids.device)))
-        x = run_blocks(self.blocks, x, self.activation_checkpointing,
-                       key_padding_mask=None if self.causal else mask)
+        x = run_blocks(self.blocks, x, self.activation_checkpointing, key_padding_mask=None if self.causal else mask)
         x = self.norm(x)
         if self.pool == "cls":
             return x[:, 0]
@@ -132,19 +152,25 @@ class CLIP(nn.Module):
             if not isinstance(cfg, dict) or "name" not in cfg:
                 raise ValueError(f"{key} must be an encoder config {{'name': ..., **kwargs}}, got {cfg!r}")
         if text_encoder["name"] != "text_transformer":
-            raise ValueError(f"text_encoder.name={text_encoder['name']!r} is not a text tower; expected "
-                             "'text_transformer'")
+            raise ValueError(
+                f"text_encoder.name={text_encoder['name']!r} is not a text tower; expected 'text_transformer'"
+            )
         self.visual = encoder_from_config(image_encoder, where="image_encoder")
         self.text = encoder_from_config(text_encoder, where="text_encoder")
         self.visual_proj = nn.Linear(self.visual.out_dim, embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text.out_dim, embed_dim, bias=False)
-        nn.init.normal_(self.visual_proj.weight, std=self.visual.out_dim ** -0.5)
-        nn.init.normal_(self.text_proj.weight, std=self.text.out_dim ** -0.5)
+        nn.init.normal_(self.visual_proj.weight, std=self.visual.out_dim**-0.5)
+        nn.init.normal_(self.text_proj.weight, std=self.text.out_dim**-0.5)
         self.logit_scale = LogitScale(init_logit_scale, max_logit_scale)
         self.out_dim = embed_dim
-        self.config = {"name": "clip", "image_encoder": self.visual.config, "text_encoder": self.text.config,
-                       "embed_dim": embed_dim, "init_logit_scale": float(init_logit_scale),
-                       "max_logit_scale": float(max_logit_scale)}
+        self.config = {
+            "name": "clip",
+            "image_encoder": self.visual.config,
+            "text_encoder": self.text.config,
+            "embed_dim": embed_dim,
+            "init_logit_scale": float(init_logit_scale),
+            "max_logit_scale": float(max_logit_scale),
+        }
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Checkpoint both towers' blocks; an image tower without checkpointing support is an error."""
@@ -173,7 +199,8 @@ class CLIP(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.text_proj(self.text(input_ids, attention_mask))
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image embeddings, text embeddings, logit scale), embeddings (B, embed_dim) unnormalised."""
         return self.encode_image(images), self.encode_text(input_ids, attention_mask), self.logit_scale()

@@ -64,20 +64,33 @@ class GPT(nn.Module):
     ) -> None:
         super().__init__()
         _checks.positive("loss_chunk_size", loss_chunk_size, allow_none=True)
-        for name, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("dim", dim),
-                            ("depth", depth)):
+        for name, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("dim", dim), ("depth", depth)):
             _checks.positive(name, value)
         _checks.one_of("positions", positions, ("learned", "rope"))
         _checks.fraction("dropout", dropout)
         _checks.positive_float("rope_base", rope_base)
         _checks.positive_float("norm_eps", norm_eps)
         kv_heads = heads if kv_heads is None else kv_heads
-        self.config = {"name": "gpt", "vocab_size": vocab_size, "max_seq_len": max_seq_len, "dim": dim,
-                       "depth": depth, "heads": heads, "kv_heads": kv_heads, "mlp_ratio": float(mlp_ratio),
-                       "norm": norm, "norm_eps": float(norm_eps), "positions": positions,
-                       "rope_base": float(rope_base), "activation": activation, "bias": bias,
-                       "tie_embeddings": tie_embeddings, "dropout": float(dropout), "attn_backend": attn_backend,
-                       "loss_chunk_size": loss_chunk_size}
+        self.config = {
+            "name": "gpt",
+            "vocab_size": vocab_size,
+            "max_seq_len": max_seq_len,
+            "dim": dim,
+            "depth": depth,
+            "heads": heads,
+            "kv_heads": kv_heads,
+            "mlp_ratio": float(mlp_ratio),
+            "norm": norm,
+            "norm_eps": float(norm_eps),
+            "positions": positions,
+            "rope_base": float(rope_base),
+            "activation": activation,
+            "bias": bias,
+            "tie_embeddings": tie_embeddings,
+            "dropout": float(dropout),
+            "attn_backend": attn_backend,
+            "loss_chunk_size": loss_chunk_size,
+        }
         self.vocab_size, self.max_seq_len, self.dim, self.positions = vocab_size, max_seq_len, dim, positions
         self.rope_base = float(rope_base)
         self.out_dim = dim
@@ -88,18 +101,29 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(dropout)
         hidden = mlp_width(dim, mlp_ratio, activation)
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, heads, kv_heads=kv_heads, mlp_hidden=hidden, norm=norm, norm_eps=norm_eps,
-                             activation=activation, bias=bias, causal=True, attn_backend=attn_backend,
-                             dropout=dropout, norm_first=True)
-            for _ in range(depth))
+            TransformerBlock(
+                dim,
+                heads,
+                kv_heads=kv_heads,
+                mlp_hidden=hidden,
+                norm=norm,
+                norm_eps=norm_eps,
+                activation=activation,
+                bias=bias,
+                causal=True,
+                attn_backend=attn_backend,
+                dropout=dropout,
+                norm_first=True,
+            )
+            for _ in range(depth)
+        )
         self.head_dim, self.kv_heads = self.blocks[0].attn.head_dim, kv_heads
         self.norm = make_norm(norm, dim, norm_eps)
         init_normal_(self, std=0.02)
         for block in self.blocks:  # GPT-2: residual projections scaled by 1/sqrt(2 * depth)
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, std=0.02 / (2 * depth) ** 0.5)
-        self.lm_head = LMHead(dim, vocab_size, tied_to=self.wte if tie_embeddings else None,
-                              chunk_size=loss_chunk_size)
+        self.lm_head = LMHead(dim, vocab_size, tied_to=self.wte if tie_embeddings else None, chunk_size=loss_chunk_size)
         if tie_embeddings:
             tie_in_state_dict(self, "lm_head.weight", "wte.weight")
 
@@ -116,8 +140,15 @@ class GPT(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `max_len` (default max_seq_len) tokens."""
         p = self.wte.weight
-        return KVCache(len(self.blocks), batch, self.kv_heads, self.head_dim, max_len or self.max_seq_len,
-                       dtype=p.dtype, device=p.device)
+        return KVCache(
+            len(self.blocks),
+            batch,
+            self.kv_heads,
+            self.head_dim,
+            max_len or self.max_seq_len,
+            dtype=p.dtype,
+            device=p.device,
+        )
 
     def hidden_states(self, input_ids: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, dim) after the final norm; with `cache`, ids continue the cached tokens."""
@@ -142,14 +173,27 @@ class GPT(nn.Module):
                 x = block(x, rope=rope, cache=layer_cache)
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, reduction: Reduction = "mean") -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        reduction: Reduction = "mean",
+    ) -> torch.Tensor:
         """Logits (B, T, V) without `targets`; the next-token loss (0-d, fp32) with them (ignore index -100)."""
         return self.lm_head(self.hidden_states(input_ids, cache=cache), targets, reduction=reduction)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Continue (B, T) prompts by `max_new_tokens` tokens with the KV cache (temperature 0 = greedy)."""
         _checks.positive("max_new_tokens", max_new_tokens)
         if not temperature >= 0:

@@ -9,8 +9,15 @@ from torch import nn
 class MLPHead(nn.Module):
     """Linear-BN-ReLU blocks then a final Linear. `last_bn` adds an affine-free BN on the output (SimSiam-style)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int = 512, out_dim: int = 128, num_layers: int = 2,
-                 batch_norm: bool = True, last_bn: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int = 512,
+        out_dim: int = 128,
+        num_layers: int = 2,
+        batch_norm: bool = True,
+        last_bn: bool = False,
+    ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")

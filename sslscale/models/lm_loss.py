@@ -56,9 +56,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             correct += ((target_logit >= top.squeeze(1)) & valid[start:end]).sum()  # target is the argmax
             if not want:
                 continue
-            g.div_(total_exp[:, None])                             # softmax
-            g[rows, safe_targets[start:end]] -= 1.0                # - onehot
-            g.mul_(rows_valid[:, None])                            # ignored rows: 0
+            g.div_(total_exp[:, None])  # softmax
+            g[rows, safe_targets[start:end]] -= 1.0  # - onehot
+            g.mul_(rows_valid[:, None])  # ignored rows: 0
             if need_b:
                 grad_b += g.sum(dim=0)
             g = g.to(hidden.dtype)
@@ -70,8 +70,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 else:
                     grad_w += (g.T @ h).to(torch.float32)
         denominator = valid.sum().clamp(min=1).to(torch.float32) if reduction == "mean" else None
-        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                     None if grad_b is None else grad_b.to(bias.dtype))
+        ctx.grads = (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+        )
         ctx.denominator = denominator
         ctx.mark_non_differentiable(correct)
         return (total / denominator if denominator is not None else total), correct
@@ -80,8 +83,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, grad_correct):
         if ctx.grads is None:
-            raise RuntimeError("chunked_cross_entropy frees its stored gradients after the first backward; "
-                               "a second backward through the same loss (retain_graph=True) is not supported")
+            raise RuntimeError(
+                "chunked_cross_entropy frees its stored gradients after the first backward; "
+                "a second backward through the same loss (retain_graph=True) is not supported"
+            )
         scale = grad_loss if ctx.denominator is None else grad_loss / ctx.denominator
         grads = tuple(None if g is None else g * scale.to(g.dtype) for g in ctx.grads)
         ctx.grads = None
@@ -101,10 +106,17 @@ def auto_chunk_size(vocab_size: int) -> int:
     return max(1, AUTO_CHUNK_ELEMENTS // vocab_size)
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          bias: torch.Tensor | None = None, *, chunk_size: int | None = None,
-                          ignore_index: int = -100, reduction: Reduction = "mean", return_correct: bool = False
-                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    return_correct: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """cross_entropy(hidden @ weight.T + bias, targets) without materialising the logits.
 
     hidden (..., d), weight (V, d), targets (...) int64 with `ignore_index` for positions without a target.
@@ -117,8 +129,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
         raise ValueError(f"hidden (..., d) and weight (V, d) disagree: {tuple(hidden.shape)} vs {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without its last dim), "
-                         f"got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without its last dim), "
+            f"got {tuple(targets.shape)}"
+        )
     if targets.dtype != torch.int64:
         raise TypeError(f"targets must be int64 token ids, got {targets.dtype}")
     if bias is not None and bias.shape != weight.shape[:1]:
@@ -131,8 +145,16 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         raise ValueError(f"reduction={reduction!r} is not supported; expected 'mean' or 'sum'")
     # Inside Function.forward grad mode is off: whether gradients are wanted is decided here.
     want_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    loss, correct = _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-                                               targets.reshape(-1), chunk_size, ignore_index, reduction, want_grad)
+    loss, correct = _ChunkedCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        bias,
+        targets.reshape(-1),
+        chunk_size,
+        ignore_index,
+        reduction,
+        want_grad,
+    )
     return (loss, correct) if return_correct else loss
 
 
@@ -144,13 +166,21 @@ class LMHead(nn.Module):
     gathers it for this module's forward and backward.
     """
 
-    def __init__(self, dim: int, vocab_size: int, *, tied_to: nn.Embedding | None = None, bias: bool = False,
-                 chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        vocab_size: int,
+        *,
+        tied_to: nn.Embedding | None = None,
+        bias: bool = False,
+        chunk_size: int | None = None,
+    ) -> None:
         super().__init__()
         if tied_to is not None:
             if tied_to.weight.shape != (vocab_size, dim):
-                raise ValueError(f"tied embedding has shape {tuple(tied_to.weight.shape)}, expected "
-                                 f"({vocab_size}, {dim})")
+                raise ValueError(
+                    f"tied embedding has shape {tuple(tied_to.weight.shape)}, expected ({vocab_size}, {dim})"
+                )
             self.weight = tied_to.weight
         else:
             self.weight = nn.Parameter(torch.empty(vocab_size, dim))
@@ -160,13 +190,28 @@ class LMHead(nn.Module):
             raise ValueError(f"chunk_size must be a positive integer or None (automatic), got {chunk_size!r}")
         self.chunk_size = chunk_size  # None: ~64 MiB of fp32 logits per chunk (auto_chunk_size)
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, *, chunk_size: int | None = None,
-                ignore_index: int = -100, reduction: Reduction = "mean", return_correct: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        chunk_size: int | None = None,
+        ignore_index: int = -100,
+        reduction: Reduction = "mean",
+        return_correct: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (no targets), or the chunked loss (and the correct-target count: `chunked_cross_entropy`)."""
         if targets is None:
             logits = hidden @ self.weight.T
             return logits if self.bias is None else logits + self.bias
         chunk = chunk_size if chunk_size is not None else self.chunk_size
-        return chunked_cross_entropy(hidden, self.weight, targets, self.bias, chunk_size=chunk,
-                                     ignore_index=ignore_index, reduction=reduction, return_correct=return_correct)
+        return chunked_cross_entropy(
+            hidden,
+            self.weight,
+            targets,
+            self.bias,
+            chunk_size=chunk,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            return_correct=return_correct,
+        )

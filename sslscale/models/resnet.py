@@ -104,8 +104,14 @@ class ResNet(nn.Module):
         _checks.one_of("stem", stem, ("imagenet", "cifar"))
         _checks.positive("in_channels", in_channels)
         _checks.positive("width", width)
-        self.config = {"name": "resnet", "depth": depth, "in_channels": in_channels, "stem": stem, "width": width,
-                       "zero_init_residual": zero_init_residual}
+        self.config = {
+            "name": "resnet",
+            "depth": depth,
+            "in_channels": in_channels,
+            "stem": stem,
+            "width": width,
+            "zero_init_residual": zero_init_residual,
+        }
         bottleneck, counts = LAYOUTS[depth]
         block = Bottleneck if bottleneck else BasicBlock
         if stem == "imagenet":
@@ -117,7 +123,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         cin = width
         for i, n in enumerate(counts):
-            stage_width = width * 2 ** i
+            stage_width = width * 2**i
             blocks = []
             for b in range(n):
                 blocks.append(block(cin, stage_width, 2 if (b == 0 and i > 0) else 1))

@@ -40,8 +40,9 @@ def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
 class MLP(nn.Module):
     """Position-wise feed-forward: fc -> activation -> proj (SwiGLU: silu(a) * b from a doubled fc)."""
 
-    def __init__(self, dim: int, hidden: int, activation: Activation = "gelu", bias: bool = True,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, hidden: int, activation: Activation = "gelu", bias: bool = True, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         _checks.one_of("activation", activation, ACTIVATIONS)
         self.activation = activation
@@ -63,8 +64,9 @@ class MLP(nn.Module):
         return self.drop(self.proj(h))
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (T, head_dim / 2), for rotary embeddings at integer `positions` (computed in fp32)."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
@@ -82,8 +84,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class LayerKVCache:
     """One layer's keys and values for incremental decoding: preallocated (B, H_kv, max_len, D) buffers."""
 
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self, batch: int, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.length = 0
@@ -96,8 +99,8 @@ class LayerKVCache:
             raise ValueError(f"KV cache full: {self.length} cached + {t} new tokens > max_len={self.k.shape[2]}")
         if k.shape[0] != self.k.shape[0]:
             raise ValueError(f"KV cache was made for batch {self.k.shape[0]}, got batch {k.shape[0]}")
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
@@ -105,10 +108,19 @@ class LayerKVCache:
 class KVCache:
     """Keys and values of every layer of a decoder (`GPT.new_cache`); `length` = tokens processed so far."""
 
-    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        self.layers = [LayerKVCache(batch, kv_heads, head_dim, max_len, dtype, torch.device(device))
-                       for _ in range(layers)]
+    def __init__(
+        self,
+        layers: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.layers = [
+            LayerKVCache(batch, kv_heads, head_dim, max_len, dtype, torch.device(device)) for _ in range(layers)
+        ]
         self.max_len = max_len
 
     @property
@@ -124,9 +136,18 @@ class SelfAttention(nn.Module):
     none). `causal=False`: torch SDPA, bidirectional, optional key-padding mask and attention dropout.
     """
 
-    def __init__(self, dim: int, heads: int, kv_heads: int | None = None, *, bias: bool = True,
-                 causal: bool = True, attn_backend: AttnBackend | None = None, attn_dropout: float = 0.0,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        kv_heads: int | None = None,
+        *,
+        bias: bool = True,
+        causal: bool = True,
+        attn_backend: AttnBackend | None = None,
+        attn_dropout: float = 0.0,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         kv_heads = heads if kv_heads is None else kv_heads
         _checks.positive("heads", heads)
@@ -140,19 +161,29 @@ class SelfAttention(nn.Module):
             from sslscale.ops.attention import HEAD_DIMS
 
             if self.head_dim not in HEAD_DIMS:
-                raise ValueError(f"head_dim = dim / heads = {dim} / {heads} = {self.head_dim} is not supported by "
-                                 f"sslscale.ops.causal_attention (expected one of {HEAD_DIMS}); change dim or "
-                                 "heads, or set attn_backend='sdpa'")
+                raise ValueError(
+                    f"head_dim = dim / heads = {dim} / {heads} = {self.head_dim} is not supported by "
+                    f"sslscale.ops.causal_attention (expected one of {HEAD_DIMS}); change dim or "
+                    "heads, or set attn_backend='sdpa'"
+                )
         if causal and attn_dropout > 0 and attn_backend != "sdpa":
-            raise ValueError(f"attn_dropout={attn_dropout} needs attn_backend='sdpa': the causal kernels of "
-                             "sslscale.ops have no attention-probability dropout (use dropout= on the residuals)")
+            raise ValueError(
+                f"attn_dropout={attn_dropout} needs attn_backend='sdpa': the causal kernels of "
+                "sslscale.ops have no attention-probability dropout (use dropout= on the residuals)"
+            )
         self.causal, self.attn_backend, self.attn_dropout = causal, attn_backend, float(attn_dropout)
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=bias)
         self.proj = nn.Linear(heads * self.head_dim, dim, bias=bias)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                key_padding_mask: torch.Tensor | None = None, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
         """x (B, T, dim) -> (B, T, dim). `key_padding_mask` (B, T) bool, True = a real token (bidirectional only:
         causal attention over right-padded rows needs no mask, padding comes after every real token)."""
         b, t, _ = x.shape
@@ -171,16 +202,27 @@ class SelfAttention(nn.Module):
             out = self._causal(q, k, v)
         else:
             mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                 dropout_p=self.attn_dropout if self.training else 0.0,
-                                                 enable_gqa=self.kv_heads != self.heads)
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.attn_dropout if self.training else 0.0,
+                enable_gqa=self.kv_heads != self.heads,
+            )
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return self.drop(self.proj(out))
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.attn_backend == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads,
-                                                  dropout_p=self.attn_dropout if self.training else 0.0)
+            return F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                is_causal=True,
+                enable_gqa=self.kv_heads != self.heads,
+                dropout_p=self.attn_dropout if self.training else 0.0,
+            )
         from sslscale.ops import causal_attention
 
         return causal_attention(q, k, v, backend=self.attn_backend)
@@ -200,20 +242,47 @@ class TransformerBlock(nn.Module):
     """Attention + MLP with residuals; pre-norm (GPT, ViT, CLIP: x + f(norm(x))) or post-norm (BERT:
     norm(x + f(x)))."""
 
-    def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, mlp_hidden: int | None = None,
-                 norm: NormKind = "layernorm", norm_eps: float = 1e-5, activation: Activation = "gelu",
-                 bias: bool = True, causal: bool = False, attn_backend: AttnBackend | None = None,
-                 dropout: float = 0.0, attn_dropout: float = 0.0, norm_first: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        kv_heads: int | None = None,
+        mlp_hidden: int | None = None,
+        norm: NormKind = "layernorm",
+        norm_eps: float = 1e-5,
+        activation: Activation = "gelu",
+        bias: bool = True,
+        causal: bool = False,
+        attn_backend: AttnBackend | None = None,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        norm_first: bool = True,
+    ) -> None:
         super().__init__()
         self.norm_first = norm_first
         self.norm1 = make_norm(norm, dim, norm_eps)
-        self.attn = SelfAttention(dim, heads, kv_heads, bias=bias, causal=causal, attn_backend=attn_backend,
-                                  attn_dropout=attn_dropout, dropout=dropout)
+        self.attn = SelfAttention(
+            dim,
+            heads,
+            kv_heads,
+            bias=bias,
+            causal=causal,
+            attn_backend=attn_backend,
+            attn_dropout=attn_dropout,
+            dropout=dropout,
+        )
         self.norm2 = make_norm(norm, dim, norm_eps)
         self.mlp = MLP(dim, mlp_hidden or 4 * dim, activation, bias=bias, dropout=dropout)
 
-    def forward(self, x: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                key_padding_mask: torch.Tensor | None = None, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
         if self.norm_first:
             x = x + self.attn(self.norm1(x), rope=rope, key_padding_mask=key_padding_mask, cache=cache)
             return x + self.mlp(self.norm2(x))

@@ -25,7 +25,9 @@ def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 def _check_stages(widths: Sequence[int], strides: Sequence[int]) -> None:
     if len(widths) == 0 or len(widths) != len(strides):
-        raise ValueError(f"widths and strides must be non-empty and of equal length, got {list(widths)} and {list(strides)}")
+        raise ValueError(
+            f"widths and strides must be non-empty and of equal length, got {list(widths)} and {list(strides)}"
+        )
     if any(int(w) < 1 for w in widths) or any(int(s) < 1 for s in strides):
         raise ValueError(f"widths and strides must be positive, got {list(widths)} and {list(strides)}")
 
@@ -52,8 +54,12 @@ class ConvNetSmall(nn.Module):
         self.features = nn.Sequential(*layers)
         self.activation_checkpointing = False  # set by the training engine (model.activation_checkpointing)
         self.out_dim = cin
-        self.config = {"name": "convnet_small", "in_channels": int(in_channels),
-                       "widths": [int(w) for w in widths], "strides": [int(s) for s in strides]}
+        self.config = {
+            "name": "convnet_small",
+            "in_channels": int(in_channels),
+            "widths": [int(w) for w in widths],
+            "strides": [int(s) for s in strides],
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_blocks(self.features, x, self.activation_checkpointing).mean(dim=(2, 3))
@@ -103,9 +109,15 @@ class ResNetSmall(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.activation_checkpointing = False  # set by the training engine (model.activation_checkpointing)
         self.out_dim = cin
-        self.config = {"name": "resnet_small", "in_channels": int(in_channels), "stem_width": int(stem_width),
-                       "stem_stride": int(stem_stride), "widths": [int(w) for w in widths],
-                       "strides": [int(s) for s in strides], "blocks": int(blocks)}
+        self.config = {
+            "name": "resnet_small",
+            "in_channels": int(in_channels),
+            "stem_width": int(stem_width),
+            "stem_stride": int(stem_stride),
+            "widths": [int(w) for w in widths],
+            "strides": [int(s) for s in strides],
+            "blocks": int(blocks),
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_blocks(self.stages, self.stem(x), self.activation_checkpointing).mean(dim=(2, 3))

@@ -52,14 +52,22 @@ def unpatchify(patches: torch.Tensor, patch_size: int, height: int, width: int, 
     b = patches.shape[0]
     gh, gw = _grid(height, width, patch_size)
     if patches.shape[1:] != (gh * gw, patch_size * patch_size * channels):
-        raise ValueError(f"patches of shape {tuple(patches.shape)} do not tile a {channels}x{height}x{width} image "
-                         f"with patch_size={patch_size}")
+        raise ValueError(
+            f"patches of shape {tuple(patches.shape)} do not tile a {channels}x{height}x{width} image "
+            f"with patch_size={patch_size}"
+        )
     x = patches.reshape(b, gh, gw, patch_size, patch_size, channels)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, height, width)
 
 
-def random_masking(batch: int, num_patches: int, mask_ratio: float, *, device: torch.device | str = "cpu",
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_masking(
+    batch: int,
+    num_patches: int,
+    mask_ratio: float,
+    *,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MAE's per-sample random masking: (visible (B, K) sorted indices, mask (B, N) bool True = hidden,
     restore (B, N): position of each patch in the [visible, hidden] order, to un-shuffle decoder tokens).
     K = round(N * (1 - mask_ratio)), at least 1."""
@@ -78,8 +86,9 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, device: t
 class PatchEmbedding(nn.Module):
     """Conv patch projection + (interpolated) position embeddings + optional class token."""
 
-    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, cls_token: bool,
-                 bias: bool) -> None:
+    def __init__(
+        self, image_size: int, patch_size: int, in_channels: int, dim: int, cls_token: bool, bias: bool
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.grid = _grid(image_size, image_size, patch_size)
@@ -96,7 +105,7 @@ class PatchEmbedding(nn.Module):
 
     def position_embeddings(self, grid: tuple[int, int]) -> torch.Tensor:
         """(1, gh*gw, dim) patch position embeddings for a grid: the built ones, bicubically resized if needed."""
-        patches = self.pos_embed[:, self.prefix:]
+        patches = self.pos_embed[:, self.prefix :]
         if tuple(grid) == self.grid:
             return patches
         dim = self.pos_embed.shape[-1]
@@ -147,30 +156,59 @@ class ViT(nn.Module):
         dim = d0 if dim is None else dim
         depth = l0 if depth is None else depth
         heads = h0 if heads is None else heads
-        for name, value in (("image_size", image_size), ("patch_size", patch_size), ("in_channels", in_channels),
-                            ("dim", dim), ("depth", depth), ("heads", heads)):
+        for name, value in (
+            ("image_size", image_size),
+            ("patch_size", patch_size),
+            ("in_channels", in_channels),
+            ("dim", dim),
+            ("depth", depth),
+            ("heads", heads),
+        ):
             _checks.positive(name, value)
         _checks.one_of("pool", pool, ("cls", "mean"))
         _checks.fraction("dropout", dropout)
         _checks.divisible("image_size", image_size, "patch_size", patch_size)
-        self.config = {"name": "vit", "size": size, "image_size": image_size, "patch_size": patch_size,
-                       "in_channels": in_channels, "dim": dim, "depth": depth, "heads": heads,
-                       "mlp_ratio": float(mlp_ratio), "pool": pool, "dropout": float(dropout),
-                       "attn_dropout": float(attn_dropout), "norm_eps": float(norm_eps), "qkv_bias": qkv_bias,
-                       "patch_bias": patch_bias, "pre_norm": pre_norm}
+        self.config = {
+            "name": "vit",
+            "size": size,
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "in_channels": in_channels,
+            "dim": dim,
+            "depth": depth,
+            "heads": heads,
+            "mlp_ratio": float(mlp_ratio),
+            "pool": pool,
+            "dropout": float(dropout),
+            "attn_dropout": float(attn_dropout),
+            "norm_eps": float(norm_eps),
+            "qkv_bias": qkv_bias,
+            "patch_bias": patch_bias,
+            "pre_norm": pre_norm,
+        }
         self.patch_size, self.in_channels, self.pool = patch_size, in_channels, pool
         self.out_dim = dim
         self.num_prefix_tokens = 1 if pool == "cls" else 0
         self.activation_checkpointing = False  # set by the training engine (model.activation_checkpointing)
-        self.embed = PatchEmbedding(image_size, patch_size, in_channels, dim, cls_token=pool == "cls",
-                                    bias=patch_bias)
+        self.embed = PatchEmbedding(image_size, patch_size, in_channels, dim, cls_token=pool == "cls", bias=patch_bias)
         self.norm_pre = nn.LayerNorm(dim, eps=norm_eps) if pre_norm else nn.Identity()
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, heads, mlp_hidden=round(dim * mlp_ratio), norm="layernorm",
-                             norm_eps=norm_eps, activation="gelu", bias=qkv_bias, causal=False, dropout=dropout,
-                             attn_dropout=attn_dropout, norm_first=True)
-            for _ in range(depth))
+            TransformerBlock(
+                dim,
+                heads,
+                mlp_hidden=round(dim * mlp_ratio),
+                norm="layernorm",
+                norm_eps=norm_eps,
+                activation="gelu",
+                bias=qkv_bias,
+                causal=False,
+                dropout=dropout,
+                attn_dropout=attn_dropout,
+                norm_first=True,
+            )
+            for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         for m in self.blocks.modules():
             if isinstance(m, nn.Linear):
@@ -199,8 +237,7 @@ class ViT(nn.Module):
 
     def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, prefix + N, dim) -> (B, dim): the class token's feature, or the mean of the patch tokens."""
-        return tokens[:, 0] if self.pool == "cls" else tokens[:, self.num_prefix_tokens:].mean(dim=1)
+        return tokens[:, 0] if self.pool == "cls" else tokens[:, self.num_prefix_tokens :].mean(dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.pool_tokens(self.forward_features(images))
-

@@ -42,8 +42,9 @@ def objective_class(name: str) -> type[Objective]:
     else:
         near = difflib.get_close_matches(name, OBJECTIVES, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ValueError(f"unknown objective {name!r}{hint}; expected one of {sorted(OBJECTIVES)} or "
-                         "'package.module:Class'")
+        raise ValueError(
+            f"unknown objective {name!r}{hint}; expected one of {sorted(OBJECTIVES)} or 'package.module:Class'"
+        )
     module, _, attr = spec.partition(":")
     try:
         cls = getattr(importlib.import_module(module), attr)
@@ -59,5 +60,4 @@ def build_objective(name: str, encoder: nn.Module, **kwargs: Any) -> Objective:
     return objective_class(name)(encoder, **kwargs)
 
 
-__all__ = ["OBJECTIVES", "Objective", "ParamGroup", "SetupContext", "StepContext", "build_objective",
-           "objective_class"]
+__all__ = ["OBJECTIVES", "Objective", "ParamGroup", "SetupContext", "StepContext", "build_objective", "objective_class"]

@@ -38,36 +38,36 @@ class ParamGroup:
 
     name: str
     params: list[nn.Parameter] = field(default_factory=list)
-    weight_decay: bool = True   # apply optimizer.weight_decay
-    lr_scale: float = 1.0       # multiplies optimizer.lr
-    lars_adapt: bool = True     # LARS trust-ratio adaptation (off for biases and norms, as in SimCLR/BYOL)
-    scheduled: bool = True      # follow the lr schedule (warmup + cosine); False: constant lr (SimSiam's predictor)
+    weight_decay: bool = True  # apply optimizer.weight_decay
+    lr_scale: float = 1.0  # multiplies optimizer.lr
+    lars_adapt: bool = True  # LARS trust-ratio adaptation (off for biases and norms, as in SimCLR/BYOL)
+    scheduled: bool = True  # follow the lr schedule (warmup + cosine); False: constant lr (SimSiam's predictor)
 
 
 @dataclass(frozen=True)
 class SetupContext:
-    zero_stage: int             # 0-3
+    zero_stage: int  # 0-3
     world_size: int
     rank: int
-    dtype: torch.dtype          # dtype of the module's floating parameters (float32, or bfloat16 under bf16)
+    dtype: torch.dtype  # dtype of the module's floating parameters (float32, or bfloat16 under bf16)
     device: torch.device
 
 
 @dataclass(frozen=True)
 class StepContext:
-    step: int                   # optimizer steps done, this one included (1-based; skipped steps count)
+    step: int  # optimizer steps done, this one included (1-based; skipped steps count)
     total_steps: int
-    zero_stage: int             # 0-3: under 3, parameters are partitioned (`param.ds_tensor` is this rank's piece)
+    zero_stage: int  # 0-3: under 3, parameters are partitioned (`param.ds_tensor` is this rank's piece)
     world_size: int
     rank: int
-    skipped: bool = False       # the optimizer step was skipped (non-finite loss): parameters did not change
+    skipped: bool = False  # the optimizer step was skipped (non-finite loss): parameters did not change
     forwards: tuple[bool, ...] = ()  # per forward() since the last after_step: whether its loss counted
 
 
 class Objective(nn.Module):
     """`loss, metrics = objective(batch)`; `encoder` is what gets exported and probed."""
 
-    batch_keys: tuple[str, ...] = ()              # batch entries the method reads (checked by check_batch)
+    batch_keys: tuple[str, ...] = ()  # batch entries the method reads (checked by check_batch)
     export_modules: tuple[str, ...] = ("encoder",)  # submodules `sslscale export` writes
 
     def __init__(self, encoder: nn.Module) -> None:
@@ -77,8 +77,10 @@ class Objective(nn.Module):
     def check_batch(self, batch: dict[str, torch.Tensor]) -> None:
         missing = [k for k in self.batch_keys if k not in batch]
         if missing:
-            raise KeyError(f"{type(self).__name__} needs batch keys {list(self.batch_keys)}; missing {missing} "
-                           f"(got {sorted(batch)})")
+            raise KeyError(
+                f"{type(self).__name__} needs batch keys {list(self.batch_keys)}; missing {missing} "
+                f"(got {sorted(batch)})"
+            )
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
@@ -108,8 +110,9 @@ def no_weight_decay_names(module: nn.Module) -> set[str]:
     return names
 
 
-def decay_groups(module: nn.Module, name: str = "", lr_scale: float = 1.0,
-                 exclude: Iterable[nn.Module] = ()) -> list[ParamGroup]:
+def decay_groups(
+    module: nn.Module, name: str = "", lr_scale: float = 1.0, exclude: Iterable[nn.Module] = ()
+) -> list[ParamGroup]:
     """The trainable parameters of `module` (minus those of `exclude`) as [decayed, not decayed] groups.
 
     Not decayed (and not LARS-adapted): 1-D parameters (biases, norm scales) and the names of `no_weight_decay()`
@@ -117,8 +120,9 @@ def decay_groups(module: nn.Module, name: str = "", lr_scale: float = 1.0,
     skip = {id(p) for m in exclude for p in m.parameters()}
     named_skip = no_weight_decay_names(module)
     decay = ParamGroup(f"{name}decay" if name else "decay", lr_scale=lr_scale)
-    no_decay = ParamGroup(f"{name}no_decay" if name else "no_decay", weight_decay=False, lr_scale=lr_scale,
-                          lars_adapt=False)
+    no_decay = ParamGroup(
+        f"{name}no_decay" if name else "no_decay", weight_decay=False, lr_scale=lr_scale, lars_adapt=False
+    )
     for pname, p in module.named_parameters():
         if not p.requires_grad or id(p) in skip:
             continue

@@ -40,18 +40,28 @@ class BYOL(Objective):
     batch_keys = ("view1", "view2")
     tau: torch.Tensor  # () buffer: the momentum of the last update
 
-    def __init__(self, encoder: nn.Module, proj_hidden_dim: int = 512, proj_dim: int = 128,
-                 pred_hidden_dim: int = 512, base_momentum: float = 0.99, final_momentum: float = 1.0,
-                 predictor_lr_scale: float = 1.0, batch_norm: bool = True) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        proj_hidden_dim: int = 512,
+        proj_dim: int = 128,
+        pred_hidden_dim: int = 512,
+        base_momentum: float = 0.99,
+        final_momentum: float = 1.0,
+        predictor_lr_scale: float = 1.0,
+        batch_norm: bool = True,
+    ) -> None:
         super().__init__(encoder)
         if not 0.0 <= base_momentum <= final_momentum <= 1.0:
             raise ValueError(f"need 0 <= base_momentum <= final_momentum <= 1, got {base_momentum}, {final_momentum}")
         if predictor_lr_scale <= 0:
             raise ValueError(f"predictor_lr_scale must be > 0, got {predictor_lr_scale}")
-        self.projector = build_head("mlp", encoder.out_dim, hidden_dim=proj_hidden_dim, out_dim=proj_dim,
-                                    num_layers=2, batch_norm=batch_norm)
-        self.predictor = build_head("mlp", proj_dim, hidden_dim=pred_hidden_dim, out_dim=proj_dim, num_layers=2,
-                                    batch_norm=batch_norm)
+        self.projector = build_head(
+            "mlp", encoder.out_dim, hidden_dim=proj_hidden_dim, out_dim=proj_dim, num_layers=2, batch_norm=batch_norm
+        )
+        self.predictor = build_head(
+            "mlp", proj_dim, hidden_dim=pred_hidden_dim, out_dim=proj_dim, num_layers=2, batch_norm=batch_norm
+        )
         self.target_encoder = freeze(copy.deepcopy(encoder))
         self.target_projector = freeze(copy.deepcopy(self.projector))
         self.momentum = MomentumTarget(online=["encoder", "projector"], target=["target_encoder", "target_projector"])
@@ -79,10 +89,12 @@ class BYOL(Objective):
             t = self.target_projector(self.target_encoder(views))
         loss = normalized_mse(p[:n], t[n:]) + normalized_mse(p[n:], t[:n])
         with torch.no_grad():
-            metrics = {"loss": loss.detach(),
-                       "pos_cos": F.cosine_similarity(p.float(), t.roll(n, dims=0).float(), dim=-1).mean(),
-                       "z_std": embedding_std(z),
-                       "momentum": self.tau.detach().float().clone()}
+            metrics = {
+                "loss": loss.detach(),
+                "pos_cos": F.cosine_similarity(p.float(), t.roll(n, dims=0).float(), dim=-1).mean(),
+                "z_std": embedding_std(z),
+                "momentum": self.tau.detach().float().clone(),
+            }
         return loss, metrics
 
     def after_step(self, ctx: StepContext) -> None:

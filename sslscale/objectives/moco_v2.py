@@ -45,11 +45,18 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 class MoCoV2(Objective):
     batch_keys = ("view1", "view2")
-    queue: torch.Tensor      # (queue_size, proj_dim) buffer
+    queue: torch.Tensor  # (queue_size, proj_dim) buffer
     queue_ptr: torch.Tensor  # () long buffer: the next slot to overwrite
 
-    def __init__(self, encoder: nn.Module, proj_hidden_dim: int = 512, proj_dim: int = 128, queue_size: int = 4096,
-                 temperature: float = 0.2, momentum: float = 0.99) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        proj_hidden_dim: int = 512,
+        proj_dim: int = 128,
+        queue_size: int = 4096,
+        temperature: float = 0.2,
+        momentum: float = 0.99,
+    ) -> None:
         super().__init__(encoder)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -57,8 +64,9 @@ class MoCoV2(Objective):
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
-        self.projector = build_head("mlp", encoder.out_dim, hidden_dim=proj_hidden_dim, out_dim=proj_dim,
-                                    num_layers=2, batch_norm=False)  # MoCo v2's head: fc - ReLU - fc
+        self.projector = build_head(
+            "mlp", encoder.out_dim, hidden_dim=proj_hidden_dim, out_dim=proj_dim, num_layers=2, batch_norm=False
+        )  # MoCo v2's head: fc - ReLU - fc
         self.target_encoder = freeze(copy.deepcopy(encoder))
         self.target_projector = freeze(copy.deepcopy(self.projector))
         self.momentum = MomentumTarget(online=["encoder", "projector"], target=["target_encoder", "target_projector"])
@@ -86,15 +94,21 @@ class MoCoV2(Objective):
         if self.training:
             self._pending.append(gather_rows(k))
         with torch.no_grad():
-            metrics = {"loss": loss.detach(), "pos_acc": (logits.argmax(dim=1) == 0).float().mean(),
-                       "pos_cos": l_pos.float().mean(), "neg_cos": l_neg.float().mean()}
+            metrics = {
+                "loss": loss.detach(),
+                "pos_acc": (logits.argmax(dim=1) == 0).float().mean(),
+                "pos_cos": l_pos.float().mean(),
+                "neg_cos": l_neg.float().mean(),
+            }
         return loss, metrics
 
     def after_step(self, ctx: StepContext) -> None:
         pending, self._pending = self._pending, []
         if len(pending) != len(ctx.forwards):
-            raise RuntimeError(f"MoCoV2 saw {len(pending)} training forwards since the last step but the engine "
-                               f"reports {len(ctx.forwards)}")
+            raise RuntimeError(
+                f"MoCoV2 saw {len(pending)} training forwards since the last step but the engine "
+                f"reports {len(ctx.forwards)}"
+            )
         if ctx.skipped:
             return
         self.momentum.update(self.m)
@@ -107,8 +121,10 @@ class MoCoV2(Objective):
         """Overwrite the oldest queue entries with `keys` (ring buffer)."""
         size = self.queue.shape[0]
         if len(keys) > size:
-            raise ValueError(f"queue_size {size} is smaller than the {len(keys)} keys of one step (global batch x "
-                             "micro-batches); raise objective.kwargs.queue_size")
+            raise ValueError(
+                f"queue_size {size} is smaller than the {len(keys)} keys of one step (global batch x "
+                "micro-batches); raise objective.kwargs.queue_size"
+            )
         ptr = int(self.queue_ptr)
         index = (ptr + torch.arange(len(keys), device=keys.device)) % size
         self.queue[index] = keys.to(self.queue.dtype)

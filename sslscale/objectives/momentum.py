@@ -80,8 +80,7 @@ class MomentumTarget(nn.Module):
             for j, piece in enumerate(pieces):
                 self.register_buffer(f"shadow_{i}_{j}", piece)
 
-    def _pieces(self, op: Any, tp: Any,
-                check_available: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _pieces(self, op: Any, tp: Any, check_available: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(online piece, target piece) pairs this rank holds: the full tensors, or (ZeRO-3) the partitions + the
         full copies of persistent parameters when they have their own memory (with one rank, DeepSpeed's gathered
         tensor may be the partition itself: updating both would apply the EMA twice)."""
@@ -127,8 +126,12 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _check_same_partition(name: str, online: Any, target: Any) -> None:
     for attr in ("ds_numel", "ds_persist"):
         if getattr(online, attr) != getattr(target, attr):
-            raise ValueError(f"{name}: ZeRO-3 partitioned the target unlike its online twin ({attr} "
-                             f"{getattr(target, attr)} vs {getattr(online, attr)}); the EMA needs one layout")
+            raise ValueError(
+                f"{name}: ZeRO-3 partitioned the target unlike its online twin ({attr} "
+                f"{getattr(target, attr)} vs {getattr(online, attr)}); the EMA needs one layout"
+            )
     if online.ds_tensor.shape != target.ds_tensor.shape:
-        raise ValueError(f"{name}: ZeRO-3 pieces differ ({tuple(target.ds_tensor.shape)} vs "
-                         f"{tuple(online.ds_tensor.shape)}); the EMA needs one layout")
+        raise ValueError(
+            f"{name}: ZeRO-3 pieces differ ({tuple(target.ds_tensor.shape)} vs "
+            f"{tuple(online.ds_tensor.shape)}); the EMA needs one layout"
+        )

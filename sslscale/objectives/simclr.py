@@ -14,13 +14,21 @@ from sslscale.ops import infonce
 class SimCLR(Objective):
     batch_keys = ("view1", "view2")
 
-    def __init__(self, encoder: nn.Module, proj_hidden_dim: int = 512, proj_dim: int = 128, proj_layers: int = 2,
-                 temperature: float = 0.2, backend: str | None = None) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        proj_hidden_dim: int = 512,
+        proj_dim: int = 128,
+        proj_layers: int = 2,
+        temperature: float = 0.2,
+        backend: str | None = None,
+    ) -> None:
         super().__init__(encoder)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.projector = build_head("mlp", encoder.out_dim, hidden_dim=proj_hidden_dim, out_dim=proj_dim,
-                                    num_layers=proj_layers)
+        self.projector = build_head(
+            "mlp", encoder.out_dim, hidden_dim=proj_hidden_dim, out_dim=proj_dim, num_layers=proj_layers
+        )
         self.temperature = float(temperature)
         self.backend = backend
 

@@ -37,7 +37,9 @@ def _infonce_setup(ctx, inputs, output):
 
 def _infonce_backward(ctx, grad_loss, grad_lse):
     rows, cols, pos, self_idx, lse = ctx.saved_tensors
-    d_rows, d_cols = torch.ops.sslscale.infonce_bwd(grad_loss.to(lse.dtype).contiguous(), rows, cols, pos, self_idx, lse)
+    d_rows, d_cols = torch.ops.sslscale.infonce_bwd(
+        grad_loss.to(lse.dtype).contiguous(), rows, cols, pos, self_idx, lse
+    )
     return d_rows, d_cols, None, None
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from sslscale.distributed.collectives import active_group, gather_rows, gather_sizes
 from sslscale.ops import backends, reference

@@ -57,8 +57,9 @@ def encoder_factory(name: str) -> Callable[..., torch.nn.Module]:
         return load_callable(name, "model.encoder")
     near = difflib.get_close_matches(name, ENCODERS, n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
-    raise ConfigError(f"model.encoder: unknown encoder {name!r}{hint}; expected one of {sorted(ENCODERS)} "
-                      "or 'package.module:Class'")
+    raise ConfigError(
+        f"model.encoder: unknown encoder {name!r}{hint}; expected one of {sorted(ENCODERS)} or 'package.module:Class'"
+    )
 
 
 def objective_factory(name: str) -> type:
@@ -74,10 +75,15 @@ def check_components(cfg: PretrainConfig) -> PretrainConfig:
     """`cfg` with every component's kwargs checked (and coerced) against the signature that will receive them."""
     for key, spec in (("model.builder", cfg.model.builder), ("probe.builder", cfg.probe.builder)):
         load_callable(spec, key)
-    encoder_kwargs = check_kwargs(encoder_factory(cfg.model.encoder), cfg.model.encoder_kwargs,
-                                  "model.encoder_kwargs.", skip=data_supplied_kwargs(cfg))
-    objective_kwargs = check_kwargs(objective_factory(cfg.objective.name), cfg.objective.kwargs,
-                                    "objective.kwargs.", skip=("encoder",))
+    encoder_kwargs = check_kwargs(
+        encoder_factory(cfg.model.encoder),
+        cfg.model.encoder_kwargs,
+        "model.encoder_kwargs.",
+        skip=data_supplied_kwargs(cfg),
+    )
+    objective_kwargs = check_kwargs(
+        objective_factory(cfg.objective.name), cfg.objective.kwargs, "objective.kwargs.", skip=("encoder",)
+    )
     data_builder = load_callable(cfg.data.builder, "data.builder")
     supplied = list(inspect.signature(data_builder).parameters)[:_DATA_BUILDER_ARGS]
     builder_kwargs = check_kwargs(data_builder, cfg.data.builder_kwargs, "data.builder_kwargs.", skip=supplied)
@@ -86,9 +92,12 @@ def check_components(cfg: PretrainConfig) -> PretrainConfig:
         factory = load_callable(cb.fn, f"callbacks[{i}].fn")
         callbacks.append(dataclasses.replace(cb, kwargs=check_kwargs(factory, cb.kwargs, f"callbacks[{i}].kwargs.")))
     return dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, encoder_kwargs=encoder_kwargs),
+        cfg,
+        model=dataclasses.replace(cfg.model, encoder_kwargs=encoder_kwargs),
         objective=dataclasses.replace(cfg.objective, kwargs=objective_kwargs),
-        data=dataclasses.replace(cfg.data, builder_kwargs=builder_kwargs), callbacks=callbacks)
+        data=dataclasses.replace(cfg.data, builder_kwargs=builder_kwargs),
+        callbacks=callbacks,
+    )
 
 
 # Encoder arguments a text stream decides: the embedding must cover the tokenizer saved with the shards.
@@ -119,13 +128,17 @@ def resolve_data_kwargs(cfg: PretrainConfig) -> PretrainConfig:
     try:
         vocab = stream_vocab_size(stream_spec(cfg.data, cfg.seed))
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.encoder_kwargs.vocab_size comes from the tokenizer of data.shards="
-                          f"{cfg.data.shards!r} (or data.tokenizer), which cannot be read: {err}") from err
+        raise ConfigError(
+            f"model.encoder_kwargs.vocab_size comes from the tokenizer of data.shards="
+            f"{cfg.data.shards!r} (or data.tokenizer), which cannot be read: {err}"
+        ) from err
     given = cfg.model.encoder_kwargs.get("vocab_size")
     if given is not None:
         if given < vocab:
-            raise ConfigError(f"model.encoder_kwargs.vocab_size={given} is smaller than the {vocab} tokens of the "
-                              "stream's tokenizer; leave it out to take the tokenizer's size")
+            raise ConfigError(
+                f"model.encoder_kwargs.vocab_size={given} is smaller than the {vocab} tokens of the "
+                "stream's tokenizer; leave it out to take the tokenizer's size"
+            )
         return cfg
     kwargs = {**cfg.model.encoder_kwargs, "vocab_size": vocab}
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, encoder_kwargs=kwargs))
@@ -170,8 +183,15 @@ def build_probe_data(probe: ProbeConfig, data: Any, seed: int) -> tuple[torch.Te
     the probe forward is collective-safe under ZeRO-3."""
     from sslscale.data import build_stream as make
 
-    spec = dataclasses.replace(stream_spec(data, seed), shards=probe.shards or data.shards, pipeline=probe.pipeline,
-                               batch_size=256, num_workers=0, mode="epoch", batches_per_epoch=None)
+    spec = dataclasses.replace(
+        stream_spec(data, seed),
+        shards=probe.shards or data.shards,
+        pipeline=probe.pipeline,
+        batch_size=256,
+        num_workers=0,
+        mode="epoch",
+        batches_per_epoch=None,
+    )
     need = probe.train_samples + probe.test_samples
     xs, ys, have = [], [], 0
     for batch in make(spec, rank=0, world_size=1):

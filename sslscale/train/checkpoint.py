@@ -79,8 +79,10 @@ def require_marker(resume: str) -> Path:
     """The checkpoint directory `resume` names, if it has its marker (a cheap check before any process starts)."""
     path = Path(resume)
     if not path.is_dir():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint directory (expected 'auto' or a "
-                              f"RUN_DIR/checkpoints/stepNNNNNNNN directory)")
+        raise CheckpointError(
+            f"--resume {resume}: no such checkpoint directory (expected 'auto' or a "
+            f"RUN_DIR/checkpoints/stepNNNNNNNN directory)"
+        )
     if not (path / MARKER).is_file():
         raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no {MARKER} marker in {path})")
     return path
@@ -172,8 +174,9 @@ def load(engine, path: Path) -> tuple[dict, dict]:
     world = dist.get_world_size() if dist.is_initialized() else 1
     try:
         with safe_load.weights_only():  # DeepSpeed's torch.load calls too: no code from the files runs
-            loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
+            loaded, client = engine.load_checkpoint(
+                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
     except Exception as err:
         if safe_load.is_refusal(err):
             raise CheckpointError(str(safe_load.refusal(path, err))) from err
@@ -182,8 +185,10 @@ def load(engine, path: Path) -> tuple[dict, dict]:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     saved_world = len(client["ranks"])
     if saved_world != world:
-        raise RuntimeError(f"checkpoint {path} was written by {saved_world} ranks, this job has {world}; the "
-                           "per-rank data-stream positions cannot be re-split (start a fresh run from an export)")
+        raise RuntimeError(
+            f"checkpoint {path} was written by {saved_world} ranks, this job has {world}; the "
+            "per-rank data-stream positions cannot be re-split (start a fresh run from an export)"
+        )
     per_rank = client.pop("ranks")[rank]
     return client, per_rank
 
@@ -210,9 +215,17 @@ def to_universal(path: Path) -> Path:
     # inject_missing_state: sslscale's models carry no tensor-parallel layout info, which plain data parallel
     # does not need; one extract / merge worker each: the conversion runs beside idle ranks
     with safe_load.weights_only():  # the conversion's torch.load calls too: no code from the files runs
-        ds_to_universal(argparse.Namespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1,
-                                           num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                           inject_missing_state=True))
+        ds_to_universal(
+            argparse.Namespace(
+                input_folder=str(path),
+                output_folder=str(tmp),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,
+            )
+        )
     os.replace(tmp, out)
     (out / MARKER).write_text(json.dumps({"from_world_size": saved_world(path), "time": time.time()}))
     integrity.fsync_dir(out)
@@ -225,8 +238,9 @@ def load_resharded(engine, path: Path) -> tuple[dict, list[dict]]:
     universal = path / UNIVERSAL
     try:
         with safe_load.weights_only():
-            loaded, client = engine.load_checkpoint(str(path), tag=UNIVERSAL, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
+            loaded, client = engine.load_checkpoint(
+                str(path), tag=UNIVERSAL, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
     except Exception as err:
         if safe_load.is_refusal(err):
             raise CheckpointError(str(safe_load.refusal(universal, err))) from err
@@ -247,7 +261,9 @@ def _restore_group_hyperparameters(engine, universal: Path) -> None:
     groups = saved.get("param_groups") or saved.get("optimizer_state_dict", {}).get("param_groups")
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     if not groups or len(groups) != len(inner.param_groups):
-        raise RuntimeError(f"universal checkpoint {universal}: {len(groups or [])} saved parameter groups, the "
-                           f"optimizer has {len(inner.param_groups)}")
+        raise RuntimeError(
+            f"universal checkpoint {universal}: {len(groups or [])} saved parameter groups, the "
+            f"optimizer has {len(inner.param_groups)}"
+        )
     for group, old in zip(inner.param_groups, groups, strict=True):
         group.update({k: v for k, v in old.items() if k != "params"})

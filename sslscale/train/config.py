@@ -41,22 +41,40 @@ from sslscale.schema import (
     section_type,
 )
 
-__all__ = ["CallbackConfig", "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig",
-           "ObjectiveConfig", "OptimizerConfig", "PretrainConfig", "ProbeConfig", "ScheduleConfig", "ZeroConfig",
-           "apply_override", "dump", "from_dict", "load", "render", "stream_spec", "to_dict"]
+__all__ = [
+    "CallbackConfig",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimizerConfig",
+    "PretrainConfig",
+    "ProbeConfig",
+    "ScheduleConfig",
+    "ZeroConfig",
+    "apply_override",
+    "dump",
+    "from_dict",
+    "load",
+    "render",
+    "stream_spec",
+    "to_dict",
+]
 
 
 @dataclass
 class ModelConfig:
-    encoder: str = "convnet_small"           # sslscale.models registry name, or "package.module:Class"
+    encoder: str = "convnet_small"  # sslscale.models registry name, or "package.module:Class"
     encoder_kwargs: dict = field(default_factory=dict)  # checked against the encoder's constructor
-    activation_checkpointing: bool = False   # recompute activations in backward (models that support it)
+    activation_checkpointing: bool = False  # recompute activations in backward (models that support it)
     builder: str = "sslscale.train.build:build_objective"  # "module:function" -> the Objective (the seam)
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "simclr"                     # sslscale.objectives registry name, or "package.module:Class"
+    name: str = "simclr"  # sslscale.objectives registry name, or "package.module:Class"
     kwargs: dict = field(default_factory=dict)  # checked against the objective's constructor
 
 
@@ -83,12 +101,15 @@ def _data_section() -> type:
     fields.append(("builder_kwargs", dict, field(default_factory=dict)))
     cls = dataclasses.make_dataclass("DataConfig", fields)
     cls.__module__ = __name__  # picklable and named like the other sections
-    cls.__doc__ = ("The training stream: `sslscale.data.StreamSpec` fields (minus `seed`), plus `builder` "
-                   "('module:function' building the stream) and `builder_kwargs` (its extra arguments).")
+    cls.__doc__ = (
+        "The training stream: `sslscale.data.StreamSpec` fields (minus `seed`), plus `builder` "
+        "('module:function' building the stream) and `builder_kwargs` (its extra arguments)."
+    )
     return cls
 
 
 if typing.TYPE_CHECKING:  # what the derived class holds, for type checkers (they cannot see make_dataclass)
+
     @dataclass
     class DataConfig(StreamSpec):
         shards: str | list[str] = ""
@@ -110,19 +131,19 @@ _UNIT = Check(lambda v: 0 <= v < 1, "in [0, 1)")
 @dataclass
 class OptimizerConfig:
     name: Literal["adamw", "sgd", "lars"] = "adamw"  # client torch optimizers: no DeepSpeed JIT build
-    lr: Annotated[float, greater_than(0)] = 1e-3     # peak learning rate (after warmup)
+    lr: Annotated[float, greater_than(0)] = 1e-3  # peak learning rate (after warmup)
     weight_decay: Annotated[float, at_least(0)] = 1e-4  # not applied to biases, norms, embeddings the objective names
     betas: tuple[Annotated[float, _UNIT], Annotated[float, _UNIT]] = (0.9, 0.999)  # adamw
-    eps: Annotated[float, greater_than(0)] = 1e-8    # adamw
-    momentum: Annotated[float, _UNIT] = 0.9          # sgd, lars
-    nesterov: bool = False                           # sgd
+    eps: Annotated[float, greater_than(0)] = 1e-8  # adamw
+    momentum: Annotated[float, _UNIT] = 0.9  # sgd, lars
+    nesterov: bool = False  # sgd
     trust_coefficient: Annotated[float, greater_than(0)] = 1e-3  # lars: eta in eta * ||w|| / ||g + wd * w||
 
 
 @dataclass
 class ScheduleConfig:
-    total_steps: Annotated[int, at_least(1)] = 1000   # optimizer steps of the whole run
-    warmup_steps: Annotated[int, at_least(0)] = 100   # linear warmup from lr/warmup_steps to lr
+    total_steps: Annotated[int, at_least(1)] = 1000  # optimizer steps of the whole run
+    warmup_steps: Annotated[int, at_least(0)] = 100  # linear warmup from lr/warmup_steps to lr
     min_lr_ratio: Annotated[float, between(0, 1)] = 0.0  # the decay ends at lr * min_lr_ratio at total_steps
     decay: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup (DeepSpeed's WarmupCosineLR /
     #                                                            WarmupDecayLR / WarmupLR)
@@ -130,40 +151,40 @@ class ScheduleConfig:
 
 @dataclass
 class ZeroConfig:
-    stage: Annotated[int, one_of(0, 1, 2, 3)] = 2    # 0 (plain data parallel), 1, 2 or 3
-    config: str | None = None                # optional DeepSpeed JSON (a stock one is fine: sslscale.train.ds_config)
+    stage: Annotated[int, one_of(0, 1, 2, 3)] = 2  # 0 (plain data parallel), 1, 2 or 3
+    config: str | None = None  # optional DeepSpeed JSON (a stock one is fine: sslscale.train.ds_config)
     offload_optimizer: Literal["none", "cpu"] = "none"  # ZeRO-Offload: optimizer states (and step) on the CPU
-    offload_param: Literal["none", "cpu"] = "none"      # ZeRO-3 only: parameters live on the CPU between uses
+    offload_param: Literal["none", "cpu"] = "none"  # ZeRO-3 only: parameters live on the CPU between uses
 
 
 @dataclass
 class CheckpointConfig:
-    every: Annotated[int, at_least(1)] = 500     # save every N optimizer steps (and always at the end)
-    keep_last: Annotated[int, at_least(1)] = 3   # complete checkpoints kept; older ones are pruned
+    every: Annotated[int, at_least(1)] = 500  # save every N optimizer steps (and always at the end)
+    keep_last: Annotated[int, at_least(1)] = 3  # complete checkpoints kept; older ones are pruned
 
 
 @dataclass
 class LoggingConfig:
     every: Annotated[int, at_least(1)] = 10  # one JSON line every N steps
-    tensorboard: bool = False                # needs the tensorboard package; off with a note when missing
-    progress: bool = True                    # tqdm progress bar, on interactive terminals only
+    tensorboard: bool = False  # needs the tensorboard package; off with a note when missing
+    progress: bool = True  # tqdm progress bar, on interactive terminals only
 
 
 @dataclass
 class ProbeConfig:
-    every: Annotated[int, at_least(0)] = 0   # kNN probe every N steps (0: off)
-    shards: str = ""                         # labelled shards for the probe ("" : data.shards)
-    pipeline: str = "labeled"                # a pipeline yielding `input_key` and "label"
+    every: Annotated[int, at_least(0)] = 0  # kNN probe every N steps (0: off)
+    shards: str = ""  # labelled shards for the probe ("" : data.shards)
+    pipeline: str = "labeled"  # a pipeline yielding `input_key` and "label"
     input_key: str = "image"
     train_samples: Annotated[int, at_least(1)] = 2000  # memory bank (first samples of the slice)
-    test_samples: Annotated[int, at_least(1)] = 1000   # queries (the next samples)
+    test_samples: Annotated[int, at_least(1)] = 1000  # queries (the next samples)
     k: Annotated[int, at_least(1)] = 20
     builder: str = "sslscale.train.build:build_probe_data"
 
 
 @dataclass
 class CallbackConfig:
-    fn: str = ""                             # "package.module:Factory" returning a sslscale.train.callbacks.Callback
+    fn: str = ""  # "package.module:Factory" returning a sslscale.train.callbacks.Callback
     kwargs: dict = field(default_factory=dict)  # checked against the factory's signature
 
 
@@ -180,9 +201,9 @@ class PretrainConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     callbacks: list[CallbackConfig] = field(default_factory=list)  # loop hooks (tests use them; none by default)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16: dynamic loss scaling (overflow steps skipped)
-    grad_clip: Annotated[float, at_least(0)] = 1.0   # max global gradient norm (0: off)
-    grad_accum: Annotated[int, at_least(1)] = 1      # micro-batches per optimizer step
-    nonfinite: Literal["skip", "stop"] = "skip"      # on a NaN/inf loss on any rank
+    grad_clip: Annotated[float, at_least(0)] = 1.0  # max global gradient norm (0: off)
+    grad_accum: Annotated[int, at_least(1)] = 1  # micro-batches per optimizer step
+    nonfinite: Literal["skip", "stop"] = "skip"  # on a NaN/inf loss on any rank
     nonfinite_max_consecutive: Annotated[int, at_least(0)] = 10  # skip: stop the run (exit 3) after this many
     #                                                  non-finite micro-batches in a row (0: no limit)
     watchdog_s: Annotated[float, at_least(0)] = 600.0  # report a rank with no step progress for this long (0: off)
@@ -193,10 +214,10 @@ class PretrainConfig:
 # Keys that existed once: what to write instead.
 RETIRED = {
     "model.head": "objectives build their own heads; configure them through objective.kwargs "
-                  "(e.g. proj_hidden_dim / proj_dim for simclr)",
+    "(e.g. proj_hidden_dim / proj_dim for simclr)",
     "model.head_kwargs": "objectives build their own heads; configure them through objective.kwargs",
     "data.extra": "StreamSpec fields are data keys themselves now (e.g. data.augment.crop_scale, "
-                  "data.image_size); options of a custom data.builder go in data.builder_kwargs",
+    "data.image_size); options of a custom data.builder go in data.builder_kwargs",
     "data.seed": "the stream is seeded by the top-level `seed`",
     "optimizer.type": "use optimizer.name (adamw | sgd | lars)",
 }
@@ -211,17 +232,22 @@ def from_dict(data: dict) -> PretrainConfig:
     cfg = build(PretrainConfig, data, "")
     ds_config.check(cfg, both, ds_config.world_from_env())
     if cfg.zero.offload_param != "none" and cfg.zero.stage != 3:
-        raise ConfigError(f"zero.offload_param={cfg.zero.offload_param} needs zero.stage 3 (got {cfg.zero.stage}); "
-                          "stages 1-2 can offload the optimizer only (zero.offload_optimizer)")
+        raise ConfigError(
+            f"zero.offload_param={cfg.zero.offload_param} needs zero.stage 3 (got {cfg.zero.stage}); "
+            "stages 1-2 can offload the optimizer only (zero.offload_optimizer)"
+        )
     if cfg.zero.offload_optimizer != "none" and cfg.zero.stage == 0:
         raise ConfigError("zero.offload_optimizer needs zero.stage 1, 2 or 3 (got 0)")
     if cfg.schedule.warmup_steps > cfg.schedule.total_steps:
-        raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds "
-                          f"schedule.total_steps={cfg.schedule.total_steps}")
+        raise ConfigError(
+            f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds schedule.total_steps={cfg.schedule.total_steps}"
+        )
     if cfg.optimizer.name == "lars" and cfg.precision != "fp32" and cfg.zero.stage == 0:
-        raise ConfigError(f"optimizer.name=lars with precision={cfg.precision} needs zero.stage 1, 2 or 3 (at stage 0 "
-                          f"DeepSpeed's {cfg.precision} optimizer flattens the parameters in a layout LARS does not "
-                          "read)")
+        raise ConfigError(
+            f"optimizer.name=lars with precision={cfg.precision} needs zero.stage 1, 2 or 3 (at stage 0 "
+            f"DeepSpeed's {cfg.precision} optimizer flattens the parameters in a layout LARS does not "
+            "read)"
+        )
     try:
         stream_spec(cfg.data, cfg.seed)  # StreamSpec's own value checks
     except ValueError as err:
@@ -247,7 +273,7 @@ def apply_override(data: dict, assignment: str, root: type | None = None) -> Non
     tp: Any = PretrainConfig if root is None else root
     node: dict = data
     for depth, part in enumerate(parts[:-1]):
-        here = ".".join(parts[:depth + 1])
+        here = ".".join(parts[: depth + 1])
         if dataclasses.is_dataclass(tp):
             field_tp = section_type(tp, part)
             if field_tp is not None and not is_section(field_tp):
@@ -308,10 +334,17 @@ def dump(cfg: PretrainConfig, path: str | Path) -> None:
 
 # ---- `sslscale config CONFIG [--set k=v ...] [--get a.b]` ----
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="pretraining YAML (see configs/pretrain/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optimizer.lr=3e-4 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optimizer.lr=3e-4 (repeatable)",
+    )
     parser.add_argument("--get", default=None, metavar="KEY", help="print one value only, e.g. --get run_dir")
 
 

@@ -94,15 +94,24 @@ def initialize(cfg: PretrainConfig, objective: Objective, world_size: int, load_
     if load_universal:
         ds["checkpoint"]["load_universal"] = True
     engine, _, _, _ = deepspeed.initialize(
-        model=objective, optimizer=optimizer, config=ds,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, opt)))
+        model=objective,
+        optimizer=optimizer,
+        config=ds,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, opt)),
+    )
     if isinstance(optimizer, LARS) and cfg.zero.stage > 0:
         optimizer.attach_layouts(zero_layouts(engine))
     param = next(objective.parameters())
     match_norm_statistics(objective, param.dtype)
-    objective.setup(SetupContext(zero_stage=cfg.zero.stage, world_size=world_size,
-                                 rank=torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
-                                 dtype=param.dtype, device=param.device))
+    objective.setup(
+        SetupContext(
+            zero_stage=cfg.zero.stage,
+            world_size=world_size,
+            rank=torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
+            dtype=param.dtype,
+            device=param.device,
+        )
+    )
     return engine
 
 
@@ -128,5 +137,7 @@ def set_activation_checkpointing(encoder: torch.nn.Module, enabled: bool) -> Non
     elif hasattr(encoder, "activation_checkpointing"):
         encoder.activation_checkpointing = True
     else:
-        raise ValueError(f"model.activation_checkpointing=true but encoder {type(encoder).__name__} does not "
-                         "support activation checkpointing")
+        raise ValueError(
+            f"model.activation_checkpointing=true but encoder {type(encoder).__name__} does not "
+            "support activation checkpointing"
+        )

@@ -37,11 +37,16 @@ from sslscale.train.config import ZeroConfig
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory written by `sslscale pretrain`")
     parser.add_argument("--out", required=True, help="output .safetensors file (a .json sidecar is written too)")
-    parser.add_argument("--checkpoint", default="auto",
-                        help="'auto' (newest complete checkpoint) or a checkpoint directory")
-    parser.add_argument("--hf", default=None, metavar="DIR",
-                        help="also write the Hugging Face layout of a GPT or BERT encoder to DIR (config.json, "
-                        "model.safetensors and the tokenizer saved with the run's shards)")
+    parser.add_argument(
+        "--checkpoint", default="auto", help="'auto' (newest complete checkpoint) or a checkpoint directory"
+    )
+    parser.add_argument(
+        "--hf",
+        default=None,
+        metavar="DIR",
+        help="also write the Hugging Face layout of a GPT or BERT encoder to DIR (config.json, "
+        "model.safetensors and the tokenizer saved with the run's shards)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,8 +60,16 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:  # where the output goes: read-only, full, a file in the way
         print(f"sslscale export: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
         return 2
-    print(json.dumps({"exported": str(args.out), "step": meta["step"], "tensors": meta["tensors"],
-                      **({"hf": meta["hf"]} if "hf" in meta else {})}))
+    print(
+        json.dumps(
+            {
+                "exported": str(args.out),
+                "step": meta["step"],
+                "tensors": meta["tensors"],
+                **({"hf": meta["hf"]} if "hf" in meta else {}),
+            }
+        )
+    )
     return 0
 
 
@@ -82,8 +95,10 @@ def check_finite(weights: dict[str, torch.Tensor], where: str) -> None:
     bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
-        raise ValueError(f"{where}: {len(bad)} of {len(weights)} tensors hold NaN/inf ({shown}); not exported "
-                         "(export an earlier checkpoint with --checkpoint PATH)")
+        raise ValueError(
+            f"{where}: {len(bad)} of {len(weights)} tensors hold NaN/inf ({shown}); not exported "
+            "(export an earlier checkpoint with --checkpoint PATH)"
+        )
 
 
 def exported_state_dict(full: dict[str, torch.Tensor], modules: list[str]) -> dict[str, torch.Tensor]:
@@ -93,12 +108,19 @@ def exported_state_dict(full: dict[str, torch.Tensor], modules: list[str]) -> di
     out = {}
     for module in modules:
         prefix = module + "."
-        out.update({(k[len(prefix):] if strip else k): v.detach().contiguous().clone()
-                    for k, v in full.items() if k.startswith(prefix)})
+        out.update(
+            {
+                (k[len(prefix) :] if strip else k): v.detach().contiguous().clone()
+                for k, v in full.items()
+                if k.startswith(prefix)
+            }
+        )
     if not out:
         sample = ", ".join(list(full)[:5])
-        raise ValueError(f"no parameters of {modules} in the checkpoint (keys start: {sample}); is the trained "
-                         "module an Objective with those submodules?")
+        raise ValueError(
+            f"no parameters of {modules} in the checkpoint (keys start: {sample}); is the trained "
+            "module an Objective with those submodules?"
+        )
     return out
 
 
@@ -126,15 +148,23 @@ def export(run_dir: str | Path, out: str | Path, which: str = "auto") -> dict:
     weights = exported_state_dict(consolidated_state_dict(ckpt, stage), modules)
     check_finite(weights, str(ckpt))
     step = json.loads((ckpt / checkpoint.MARKER).read_text())["step"]
-    meta = {"encoder": model_meta.get("encoder"), "objective": model_meta.get("objective"), "modules": modules,
-            "step": step,
-            "run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name, "tensors": len(weights)}
+    meta = {
+        "encoder": model_meta.get("encoder"),
+        "objective": model_meta.get("objective"),
+        "modules": modules,
+        "step": step,
+        "run_dir": str(run_dir.resolve()),
+        "checkpoint": ckpt.name,
+        "tensors": len(weights),
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = model_meta.get("tokenizer")
     if tokenizer:  # a text model: its tokenizer travels with the weights, named relative to them
         if not Path(tokenizer).is_file():
-            raise FileNotFoundError(f"the run's tokenizer {tokenizer} (RUN_DIR/model.json) no longer exists; the "
-                                    "export would not be usable without it")
+            raise FileNotFoundError(
+                f"the run's tokenizer {tokenizer} (RUN_DIR/model.json) no longer exists; the "
+                "export would not be usable without it"
+            )
         name = out.stem + ".tokenizer.json"
         shutil.copyfile(tokenizer, out.parent / name)
         meta["tokenizer"] = name

@@ -32,19 +32,33 @@ import torch.distributed as dist
 class PartitionLayout:
     """Where the parameters of one group live inside one rank's flat partition tensor."""
 
-    num_params: int                          # parameters of the group (the same list on every rank)
+    num_params: int  # parameters of the group (the same list on every rank)
     spans: tuple[tuple[int, int, int], ...]  # (parameter index, offset in the flat tensor, length)
-    group: Any = None                        # process group over which the pieces of a parameter are spread
+    group: Any = None  # process group over which the pieces of a parameter are spread
 
 
 class LARS(torch.optim.Optimizer):
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 1e-3, lars_adapt: bool = True) -> None:
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 1e-3,
+        lars_adapt: bool = True,
+    ) -> None:
         if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0 or trust_coefficient <= 0:
-            raise ValueError(f"LARS needs lr > 0, 0 <= momentum < 1, weight_decay >= 0, trust_coefficient > 0; got "
-                             f"{lr}, {momentum}, {weight_decay}, {trust_coefficient}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                        lars_adapt=lars_adapt)
+            raise ValueError(
+                f"LARS needs lr > 0, 0 <= momentum < 1, weight_decay >= 0, trust_coefficient > 0; got "
+                f"{lr}, {momentum}, {weight_decay}, {trust_coefficient}"
+            )
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            lars_adapt=lars_adapt,
+        )
         super().__init__(params, defaults)
         self._whole = {id(p) for g in self.param_groups for p in g["params"]}  # the tensors it was built with
         self._layouts: dict[int, PartitionLayout] = {}
@@ -80,7 +94,8 @@ class LARS(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"LARS got a tensor of {p.numel()} elements that is neither one of its parameters nor a flat "
                     "partition with a layout: the engine wrapped it in an optimizer whose layout LARS does not "
-                    "know (see sslscale.train.lars.zero_layouts)")
+                    "know (see sslscale.train.lars.zero_layouts)"
+                )
             layout = PartitionLayout(1, ((0, 0, p.numel()),), None)
         w_flat, d_flat = p.view(-1), d.view(-1)
         w_views = [w_flat.narrow(0, off, n) for _, off, n in layout.spans]
@@ -114,8 +129,10 @@ def zero_layouts(engine) -> dict[int, PartitionLayout]:
         if stage == 3:
             return _stage3_layouts(zopt)
     except AttributeError as err:
-        raise RuntimeError(f"LARS under ZeRO-{stage}: this DeepSpeed's optimizer lacks the partition bookkeeping "
-                           f"LARS reads ({err}); tested with deepspeed 0.19") from err
+        raise RuntimeError(
+            f"LARS under ZeRO-{stage}: this DeepSpeed's optimizer lacks the partition bookkeeping "
+            f"LARS reads ({err}); tested with deepspeed 0.19"
+        ) from err
     return {}
 
 

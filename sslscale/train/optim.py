@@ -30,8 +30,10 @@ def check_param_groups(model: nn.Module, groups: list[ParamGroup], untrained: di
             if id(p) in seen:
                 raise ValueError(f"parameter {name} is in param groups {seen[id(p)]!r} and {group.name!r}")
             if id(p) in frozen:
-                raise ValueError(f"parameter {name} of untrained module {frozen[id(p)]!r} is in param group "
-                                 f"{group.name!r}; untrained modules are updated by after_step, not the optimizer")
+                raise ValueError(
+                    f"parameter {name} of untrained module {frozen[id(p)]!r} is in param group "
+                    f"{group.name!r}; untrained modules are updated by after_step, not the optimizer"
+                )
             seen[id(p)] = group.name
     orphans = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if orphans:
@@ -40,10 +42,18 @@ def check_param_groups(model: nn.Module, groups: list[ParamGroup], untrained: di
 
 def torch_param_groups(groups: list[ParamGroup], cfg: OptimizerConfig) -> list[dict]:
     """The objective's relative groups as torch optimizer groups (absolute lr and weight decay)."""
-    return [{"params": list(g.params), "name": g.name, "lr": cfg.lr * g.lr_scale,
-             "weight_decay": cfg.weight_decay if g.weight_decay else 0.0, "lars_adapt": g.lars_adapt,
-             "scheduled": g.scheduled}
-            for g in groups if g.params]
+    return [
+        {
+            "params": list(g.params),
+            "name": g.name,
+            "lr": cfg.lr * g.lr_scale,
+            "weight_decay": cfg.weight_decay if g.weight_decay else 0.0,
+            "lars_adapt": g.lars_adapt,
+            "scheduled": g.scheduled,
+        }
+        for g in groups
+        if g.params
+    ]
 
 
 def build_optimizer(cfg: OptimizerConfig, groups: list[ParamGroup]) -> torch.optim.Optimizer:

@@ -46,17 +46,36 @@ from sslscale.train.monitor import (
 from sslscale.train.signals import StopRequest, Watchdog
 from sslscale.train.step_policy import Agreement, BufferSnapshot, NonFinitePolicy, TrainingStopped, nonfinite_tensors
 
-__all__ = ["Session", "TrainingStopped", "add_arguments", "batches_forever", "pretrain", "run", "seed_all",
-           "set_up", "train_loop", "train_step"]
+__all__ = [
+    "Session",
+    "TrainingStopped",
+    "add_arguments",
+    "batches_forever",
+    "pretrain",
+    "run",
+    "seed_all",
+    "set_up",
+    "train_loop",
+    "train_step",
+]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="pretraining YAML (see configs/pretrain/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optimizer.lr=3e-4 (repeatable)")
-    parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="'auto': newest complete checkpoint of run_dir (fresh start if none); or a "
-                             "checkpoint directory")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optimizer.lr=3e-4 (repeatable)",
+    )
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|PATH",
+        help="'auto': newest complete checkpoint of run_dir (fresh start if none); or a checkpoint directory",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -205,20 +224,23 @@ def set_up(cfg: PretrainConfig, resume: str | None, stop: StopRequest) -> Sessio
     seed_all(cfg.seed)  # identical initial weights on every rank
     objective = load_callable(cfg.model.builder, "model.builder")(cfg.model, cfg.objective)
     if not isinstance(objective, Objective):
-        raise TypeError(f"model.builder={cfg.model.builder} returned a {type(objective).__name__}, not an "
-                        "sslscale.objectives.Objective")
+        raise TypeError(
+            f"model.builder={cfg.model.builder} returned a {type(objective).__name__}, not an "
+            "sslscale.objectives.Objective"
+        )
     set_activation_checkpointing(objective.encoder, cfg.model.activation_checkpointing)
-    stream = load_callable(cfg.data.builder, "data.builder")(cfg.data, cfg.seed, rank, world,
-                                                             **cfg.data.builder_kwargs)
+    stream = load_callable(cfg.data.builder, "data.builder")(cfg.data, cfg.seed, rank, world, **cfg.data.builder_kwargs)
     probe = None
     if cfg.probe.every:
         probe = load_callable(cfg.probe.builder, "probe.builder")(cfg.probe, cfg.data, cfg.seed)
     if rank == 0:
-        meta = {"encoder": getattr(objective.encoder, "config", None),
-                "objective": {"name": cfg.objective.name, **cfg.objective.kwargs},
-                "export_modules": list(objective.export_modules),
-                # text streams: the tokenizer the model was trained with (export copies it beside the weights)
-                "tokenizer": _absolute(getattr(stream, "tokenizer_path", None))}
+        meta = {
+            "encoder": getattr(objective.encoder, "config", None),
+            "objective": {"name": cfg.objective.name, **cfg.objective.kwargs},
+            "export_modules": list(objective.export_modules),
+            # text streams: the tokenizer the model was trained with (export copies it beside the weights)
+            "tokenizer": _absolute(getattr(stream, "tokenizer_path", None)),
+        }
         (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
     ckpt = _resolve_on_rank0(resume, run_dir, rank)
     resharded = bool(ckpt) and checkpoint.saved_world(Path(ckpt)) != world
@@ -252,16 +274,45 @@ def set_up(cfg: PretrainConfig, resume: str | None, stop: StopRequest) -> Sessio
     callbacks = [load_callable(cb.fn, f"callbacks[{i}].fn")(**cb.kwargs) for i, cb in enumerate(cfg.callbacks)]
     for i, cb in enumerate(callbacks):
         if not isinstance(cb, Callback):
-            raise TypeError(f"callbacks[{i}].fn={cfg.callbacks[i].fn} made a {type(cb).__name__}, not a "
-                            "sslscale.train.callbacks.Callback")
-    monitor = Monitor(run_dir, rank, cfg.schedule.total_steps, cfg.logging.tensorboard, cfg.logging.progress,
-                      start_step=step, resumed=bool(ckpt))
+            raise TypeError(
+                f"callbacks[{i}].fn={cfg.callbacks[i].fn} made a {type(cb).__name__}, not a "
+                "sslscale.train.callbacks.Callback"
+            )
+    monitor = Monitor(
+        run_dir,
+        rank,
+        cfg.schedule.total_steps,
+        cfg.logging.tensorboard,
+        cfg.logging.progress,
+        start_step=step,
+        resumed=bool(ckpt),
+    )
     owner.status("running", step)
-    return Session(cfg=cfg, rank=rank, world=world, device=device, dtype=dtype, run_dir=run_dir, owner=owner,
-                   launcher=info.source, engine=engine, objective=objective, stream=stream,
-                   batches=batches_forever(stream), probe=probe, stop=stop, agree=Agreement(world, device),
-                   policy=policy, snapshot=BufferSnapshot(engine.module), watchdog=Watchdog(cfg.watchdog_s, rank),
-                   monitor=monitor, callbacks=callbacks, step=step, samples=samples, window_loss=window_loss)
+    return Session(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
+        dtype=dtype,
+        run_dir=run_dir,
+        owner=owner,
+        launcher=info.source,
+        engine=engine,
+        objective=objective,
+        stream=stream,
+        batches=batches_forever(stream),
+        probe=probe,
+        stop=stop,
+        agree=Agreement(world, device),
+        policy=policy,
+        snapshot=BufferSnapshot(engine.module),
+        watchdog=Watchdog(cfg.watchdog_s, rank),
+        monitor=monitor,
+        callbacks=callbacks,
+        step=step,
+        samples=samples,
+        window_loss=window_loss,
+    )
 
 
 def _check_reshardable(stream: Any, ckpt: str, world: int, stage: int) -> None:
@@ -269,14 +320,18 @@ def _check_reshardable(stream: Any, ckpt: str, world: int, stage: int) -> None:
     if stage == 3:
         # DeepSpeed 0.19.8's ZeRO-3 universal load: losses follow the straight run for 3 steps but the final weights
         # differ by ~1e-3 (tests/test_train_reshard.py, 2026-12-02); refused until that is understood
-        raise RuntimeError(f"checkpoint {ckpt} was written by {checkpoint.saved_world(Path(ckpt))} ranks and this "
-                           f"job has {world}: resuming a ZeRO-3 run on another world size is not supported (its "
-                           "DeepSpeed universal load does not reproduce the optimizer state); resume on the same "
-                           "number of ranks, or on another world size with zero.stage 1 or 2")
+        raise RuntimeError(
+            f"checkpoint {ckpt} was written by {checkpoint.saved_world(Path(ckpt))} ranks and this "
+            f"job has {world}: resuming a ZeRO-3 run on another world size is not supported (its "
+            "DeepSpeed universal load does not reproduce the optimizer state); resume on the same "
+            "number of ranks, or on another world size with zero.stage 1 or 2"
+        )
     if not callable(getattr(stream, "load_resharded", None)):
-        raise RuntimeError(f"checkpoint {ckpt} was written by {checkpoint.saved_world(Path(ckpt))} ranks and this "
-                           f"job has {world}, but the data stream ({type(stream).__name__}) has no load_resharded "
-                           "to re-split its position; resume on the same number of ranks")
+        raise RuntimeError(
+            f"checkpoint {ckpt} was written by {checkpoint.saved_world(Path(ckpt))} ranks and this "
+            f"job has {world}, but the data stream ({type(stream).__name__}) has no load_resharded "
+            "to re-split its position; resume on the same number of ranks"
+        )
 
 
 def train_step(s: Session) -> None:
@@ -321,9 +376,17 @@ def train_step(s: Session) -> None:
     overflow = bool(losses) and cfg.precision == "fp16" and not engine.was_step_applied()
     if overflow:
         s.policy.count_overflow()
-    s.objective.after_step(StepContext(step=s.step, total_steps=cfg.schedule.total_steps,
-                                       zero_stage=cfg.zero.stage, world_size=s.world, rank=s.rank,
-                                       skipped=not losses or overflow, forwards=tuple(forwards)))
+    s.objective.after_step(
+        StepContext(
+            step=s.step,
+            total_steps=cfg.schedule.total_steps,
+            zero_stage=cfg.zero.stage,
+            world_size=s.world,
+            rank=s.rank,
+            skipped=not losses or overflow,
+            forwards=tuple(forwards),
+        )
+    )
     s.samples += cfg.data.batch_size * cfg.grad_accum * s.world
     s.window.tick(time.perf_counter() - t0)
     s.last_loss = sum(losses) / len(losses) if losses else float("nan")
@@ -348,9 +411,17 @@ def train_loop(s: Session) -> None:
             s.window_loss = [0.0, 0, 0]
             # the window's loss over its counted steps only (None when all were skipped), and how many
             # non-finite micro-batches it dropped
-            record = {"step": step, "loss": total_loss / counted if counted else None, "skipped": skipped,
-                      "lr": metrics.pop("lr"), **s.window.rates(), "samples": s.samples,
-                      "nonfinite_skipped": s.policy.skipped, "memory_bytes": memory_bytes(s.device), **metrics}
+            record = {
+                "step": step,
+                "loss": total_loss / counted if counted else None,
+                "skipped": skipped,
+                "lr": metrics.pop("lr"),
+                **s.window.rates(),
+                "samples": s.samples,
+                "nonfinite_skipped": s.policy.skipped,
+                "memory_bytes": memory_bytes(s.device),
+                **metrics,
+            }
         if s.probe is not None and (step % cfg.probe.every == 0 or step == total):
             record = record or {"step": step}
             record["probe_acc"] = _probe(s)
@@ -359,8 +430,12 @@ def train_loop(s: Session) -> None:
         if step % cfg.checkpoint.every == 0 or step == total or s.preempted:
             _check_finite_weights(s, step)
             per_rank = {"rng": checkpoint.capture_rng(), "stream": s.stream.state_dict()}
-            shared = {"samples": s.samples, "nonfinite_skipped": s.policy.skipped,
-                      "nonfinite_consecutive": s.policy.consecutive, "loss_window": list(s.window_loss)}
+            shared = {
+                "samples": s.samples,
+                "nonfinite_skipped": s.policy.skipped,
+                "nonfinite_consecutive": s.policy.consecutive,
+                "loss_window": list(s.window_loss),
+            }
             path = checkpoint.save(s.engine, s.run_dir, step, shared, per_rank, cfg.checkpoint.keep_last)
             s.saved_at = step
             s.watchdog.beat(step)
@@ -384,13 +459,23 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict:
     s = session
     state = "preempted" if s.preempted and s.step < cfg.schedule.total_steps else "finished"
     if s.rank == 0 and s.preempted:
-        print(f"[sslscale] stop requested ({stop.reason or 'by another rank'}); checkpointed step {s.saved_at} "
-              "and exiting", file=sys.stderr, flush=True)
+        print(
+            f"[sslscale] stop requested ({stop.reason or 'by another rank'}); checkpointed step {s.saved_at} "
+            "and exiting",
+            file=sys.stderr,
+            flush=True,
+        )
     s.owner.finish(state, s.step)  # status.json, each rank's exit code for its launcher, final barrier, unlock
-    return {"rank": s.rank, "step": s.step, "loss": finite_or_none(s.last_loss), "samples": s.samples,
-            "nonfinite_skipped": s.policy.skipped, "state": state,
-            "checkpoint": str(checkpoint.root(s.run_dir) / checkpoint.tag_for(s.saved_at))
-            if s.saved_at >= 0 else None, "launcher": s.launcher}
+    return {
+        "rank": s.rank,
+        "step": s.step,
+        "loss": finite_or_none(s.last_loss),
+        "samples": s.samples,
+        "nonfinite_skipped": s.policy.skipped,
+        "state": state,
+        "checkpoint": str(checkpoint.root(s.run_dir) / checkpoint.tag_for(s.saved_at)) if s.saved_at >= 0 else None,
+        "launcher": s.launcher,
+    }
 
 
 def _check_finite_weights(s: Session, step: int) -> None:
@@ -399,8 +484,10 @@ def _check_finite_weights(s: Session, step: int) -> None:
     if bad:
         shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
         last = f"step {s.saved_at}" if s.saved_at >= 0 else "none from this process"
-        raise TrainingStopped(f"non-finite weights after step {step} in {len(bad)} tensor(s): {shown}; not "
-                              f"checkpointed (the newest good checkpoint: {last}); lower optimizer.lr or set grad_clip")
+        raise TrainingStopped(
+            f"non-finite weights after step {step} in {len(bad)} tensor(s): {shown}; not "
+            f"checkpointed (the newest good checkpoint: {last}); lower optimizer.lr or set grad_clip"
+        )
 
 
 def _absolute(path: str | None) -> str | None:
@@ -432,4 +519,3 @@ def _probe(s: Session) -> float:
     bank = features(encoder, bank_x, cast=cast)
     query = features(encoder, query_x, cast=cast)
     return knn_accuracy(bank, bank_y, query, query_y, k=s.cfg.probe.k)
-

@@ -43,8 +43,10 @@ class TrainingStopped(RuntimeError):
 class NonFinitePolicy:
     def __init__(self, mode: Literal["skip", "stop"], grad_accum: int, max_consecutive: int = 0) -> None:
         if mode not in ("skip", "stop") or grad_accum < 1 or max_consecutive < 0:
-            raise ValueError(f"need mode 'skip' or 'stop', grad_accum >= 1 and max_consecutive >= 0, got {mode!r}, "
-                             f"{grad_accum}, {max_consecutive}")
+            raise ValueError(
+                f"need mode 'skip' or 'stop', grad_accum >= 1 and max_consecutive >= 0, got {mode!r}, "
+                f"{grad_accum}, {max_consecutive}"
+            )
         self.mode, self.grad_accum, self.max_consecutive = mode, grad_accum, max_consecutive
         self.skipped = 0  # micro-batches dropped so far (resumed runs start from the checkpoint's count)
         self.consecutive = 0  # non-finite micro-batches in a row, up to now (carried by checkpoints too)
@@ -55,16 +57,22 @@ class NonFinitePolicy:
             self.consecutive = 0
             return "ok"
         if self.mode == "stop":
-            raise TrainingStopped(f"non-finite loss at step {step} (micro-batch {micro}) on rank(s) {bad_ranks}; "
-                                  "set nonfinite: skip to drop such steps")
+            raise TrainingStopped(
+                f"non-finite loss at step {step} (micro-batch {micro}) on rank(s) {bad_ranks}; "
+                "set nonfinite: skip to drop such steps"
+            )
         if self.grad_accum > 1 and not have_finite:
-            raise TrainingStopped(f"non-finite loss at step {step} before any finite micro-batch; nothing to take "
-                                  "a zero-gradient step from")
+            raise TrainingStopped(
+                f"non-finite loss at step {step} before any finite micro-batch; nothing to take "
+                "a zero-gradient step from"
+            )
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
-            raise TrainingStopped(f"non-finite loss at step {step} (micro-batch {micro}) on rank(s) {bad_ranks}, "
-                                  f"after {self.consecutive} non-finite micro-batches in a row (the limit "
-                                  f"nonfinite_max_consecutive={self.max_consecutive}); the run diverged: lower "
-                                  "optimizer.lr or raise the limit")
+            raise TrainingStopped(
+                f"non-finite loss at step {step} (micro-batch {micro}) on rank(s) {bad_ranks}, "
+                f"after {self.consecutive} non-finite micro-batches in a row (the limit "
+                f"nonfinite_max_consecutive={self.max_consecutive}); the run diverged: lower "
+                "optimizer.lr or raise the limit"
+            )
         self.skipped += 1
         self.consecutive += 1
         return "skip_step" if self.grad_accum == 1 else "zero_grad"
@@ -104,8 +112,13 @@ def nonfinite_tensors(module: torch.nn.Module, world: int) -> list[str]:
     rank: one all-reduce of a per-tensor flag vector)."""
     named = list(module.named_parameters()) + list(module.named_buffers())
     tensors = [_local(t) for _, t in named]
-    flags = torch.tensor([0.0 if t.numel() == 0 or not t.is_floating_point() else
-                          float(not bool(torch.isfinite(t.detach()).all())) for t in tensors], dtype=torch.float64)
+    flags = torch.tensor(
+        [
+            0.0 if t.numel() == 0 or not t.is_floating_point() else float(not bool(torch.isfinite(t.detach()).all()))
+            for t in tensors
+        ],
+        dtype=torch.float64,
+    )
     if world > 1:
         device = tensors[0].device if tensors else torch.device("cpu")
         flags = flags.to(device)

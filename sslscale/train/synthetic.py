@@ -13,12 +13,25 @@ import torch
 
 
 class SyntheticStream:
-    def __init__(self, batch_size: int, rank: int, seed: int, image_shape: tuple = (1, 28, 28), pool: int = 4,
-                 batches_per_epoch: int = 1000, classes: int = 10) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        rank: int,
+        seed: int,
+        image_shape: tuple = (1, 28, 28),
+        pool: int = 4,
+        batches_per_epoch: int = 1000,
+        classes: int = 10,
+    ) -> None:
         g = torch.Generator().manual_seed(seed * 7919 + rank)
-        self.pool = [{"view1": torch.rand(batch_size, *image_shape, generator=g),
-                      "view2": torch.rand(batch_size, *image_shape, generator=g),
-                      "label": torch.randint(0, classes, (batch_size,), generator=g)} for _ in range(pool)]
+        self.pool = [
+            {
+                "view1": torch.rand(batch_size, *image_shape, generator=g),
+                "view2": torch.rand(batch_size, *image_shape, generator=g),
+                "label": torch.randint(0, classes, (batch_size,), generator=g),
+            }
+            for _ in range(pool)
+        ]
         self.batches_per_epoch = batches_per_epoch
         self.epoch, self.batch = 0, 0
 
@@ -36,8 +49,23 @@ class SyntheticStream:
         self.epoch, self.batch = self.epoch + 1, 0
 
 
-def build_stream(data, seed: int, rank: int, world_size: int, image_shape: tuple[int, int, int] = (1, 28, 28),
-                 pool: int = 4, batches_per_epoch: int = 1000, classes: int = 10) -> SyntheticStream:
+def build_stream(
+    data,
+    seed: int,
+    rank: int,
+    world_size: int,
+    image_shape: tuple[int, int, int] = (1, 28, 28),
+    pool: int = 4,
+    batches_per_epoch: int = 1000,
+    classes: int = 10,
+) -> SyntheticStream:
     """Only `data.batch_size` of the data section applies; a recipe's real-stream options (augment, ...) are moot."""
-    return SyntheticStream(data.batch_size, rank, seed, image_shape=tuple(image_shape), pool=pool,
-                           batches_per_epoch=batches_per_epoch, classes=classes)
+    return SyntheticStream(
+        data.batch_size,
+        rank,
+        seed,
+        image_shape=tuple(image_shape),
+        pool=pool,
+        batches_per_epoch=batches_per_epoch,
+        classes=classes,
+    )
