@@ -23,7 +23,7 @@ from torch import nn
 
 from sslscale.models import build_head
 from sslscale.objectives.base import Objective, ParamGroup, SetupContext, StepContext, decay_groups, freeze
-from sslscale.objectives.momentum import MomentumTarget, cosine_momentum
+from sslscale.objectives.momentum import MomentumTarget
 
 
 def normalized_mse(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,4 @@ class BYOL(Objective):
         return loss, metrics
 
     def after_step(self, ctx: StepContext) -> None:
-        if ctx.skipped:
-            return
-        tau = cosine_momentum(ctx.step - 1, ctx.total_steps, self.base_momentum, self.final_momentum)
-        self.momentum.update(tau)
-        self.tau.fill_(tau)
+        self.momentum.cosine_step(ctx, self.base_momentum, self.final_momentum, self.tau)

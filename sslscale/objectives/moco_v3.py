@@ -33,7 +33,7 @@ from torch import nn
 from sslscale.models import build_head
 from sslscale.objectives.base import Objective, SetupContext, StepContext, freeze
 from sslscale.objectives.byol import embedding_std
-from sslscale.objectives.momentum import MomentumTarget, cosine_momentum
+from sslscale.objectives.momentum import MomentumTarget
 from sslscale.ops import infonce
 
 
@@ -121,8 +121,4 @@ class MoCoV3(Objective):
         return loss, metrics
 
     def after_step(self, ctx: StepContext) -> None:
-        if ctx.skipped:
-            return
-        tau = cosine_momentum(ctx.step - 1, ctx.total_steps, self.base_momentum, self.final_momentum)
-        self.momentum.update(tau)
-        self.tau.fill_(tau)
+        self.momentum.cosine_step(ctx, self.base_momentum, self.final_momentum, self.tau)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sslscale.objectives.base import SetupContext
+from sslscale.objectives.base import SetupContext, StepContext
 
 
 def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
@@ -117,6 +117,16 @@ class MomentumTarget(nn.Module):
                 else:
                     shadow.mul_(momentum).add_(ov.float(), alpha=1.0 - momentum)
                     tv.copy_(shadow)
+
+    def cosine_step(self, ctx: StepContext, base: float, final: float, record: torch.Tensor) -> None:
+        """The after-step update of BYOL / MoCo v3: momentum on the cosine schedule from `base` at the first step to
+        `final` at the last, written into `record` (the objective's buffer, so the logged momentum resumes); nothing
+        on a skipped step (the online weights did not change)."""
+        if ctx.skipped:
+            return
+        momentum = cosine_momentum(ctx.step - 1, ctx.total_steps, base, final)
+        self.update(momentum)
+        record.fill_(momentum)
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
